@@ -1,0 +1,195 @@
+"""The zoo: a load-or-train cache of the course's trained tiny components.
+
+Introduced in `00_tour.ipynb`. A later lesson calls ``zoo.load("name")`` to get a component an
+earlier lesson trained, without re-running that notebook: the first call trains it with the same
+code the lesson runs and stores it; every later call loads it in a second.
+
+- An entry is registered by the module that owns its idea, with ``@zoo.entry(...)`` on a function
+  that trains the component and writes it (safetensors, JSON configs, tokenizer files) into the
+  folder it is given, and a `load` function that reads that folder back.
+- Entries live under ``$MMLIB_CACHE/zoo/<name>/<scale>-seed<seed>-v<version>/``
+  (``MMLIB_CACHE`` defaults to the user cache dir). Changing the scale, the seed or the entry's
+  version trains a new one; nothing stale is ever loaded.
+- Training is seeded from the course seed, so it is deterministic; a file lock keeps two processes
+  (two notebooks, two pytest workers) from training the same entry at once.
+- A folder is published only once complete (written under a temporary name, then renamed), and
+  every file's SHA-256 is checked against its manifest on load: a corrupt or half-written entry is
+  deleted and trained again, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import platformdirs
+from filelock import FileLock
+
+from mmlib import config as course_config
+
+MANIFEST = "manifest.json"
+
+# Modules that register zoo entries; imported on the first lookup of a name not yet registered.
+# Each lesson's module adds itself here.
+PROVIDERS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One trainable component: how to train it into a folder, and how to load it back."""
+
+    name: str
+    train: Callable[[Path], None]  # writes the trained component's files into the given folder
+    load: Callable[[Path], Any]  # reads them back into a ready-to-use object
+    version: int = 1  # bump when the training code changes, so caches retrain
+    description: str = ""
+    lesson: str = ""  # the notebook that teaches how it is trained
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def entry(name: str, *, load: Callable[[Path], Any], version: int = 1, description: str = "", lesson: str = ""):
+    """Decorator registering a training function as zoo entry `name`.
+
+    >>> @entry("my-model", load=my_load, lesson="01_contrastive_encoders.ipynb")  # doctest: +SKIP
+    ... def train_my_model(folder: Path) -> None:
+    ...     ...  # train, then save_pretrained(folder) / save_file(..., folder / "model.safetensors")
+    """
+
+    def register(train: Callable[[Path], None]) -> Callable[[Path], None]:
+        _REGISTRY[name] = Entry(name, train, load, version, description, lesson)
+        return train
+
+    return register
+
+
+def unregister(name: str) -> None:
+    """Forget entry `name` (its cached files stay on disk)."""
+    _REGISTRY.pop(name, None)
+
+
+def _import_providers() -> None:
+    for module in PROVIDERS:
+        importlib.import_module(module)
+
+
+def names() -> list[str]:
+    """The names of every registered entry."""
+    _import_providers()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> Entry:
+    """The registered entry `name`, or a ValueError listing the valid names."""
+    if name not in _REGISTRY:
+        _import_providers()
+    if name not in _REGISTRY:
+        valid = ", ".join(sorted(_REGISTRY)) or "(none registered yet)"
+        raise ValueError(f"unknown zoo entry {name!r}; valid entries: {valid}")
+    return _REGISTRY[name]
+
+
+def cache_dir() -> Path:
+    """The zoo's root folder: ``$MMLIB_CACHE/zoo``, by default under the user cache dir."""
+    root = os.environ.get("MMLIB_CACHE") or platformdirs.user_cache_dir("mmlib")
+    return Path(root).expanduser() / "zoo"
+
+
+def folder(name: str) -> Path:
+    """Where entry `name` lives for the current scale and seed (whether or not it exists yet)."""
+    item = get_entry(name)
+    return cache_dir() / name / f"{course_config.scale()}-seed{course_config.seed()}-v{item.version}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(target: Path, item: Entry, seconds: float) -> None:
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    if not files:
+        raise RuntimeError(f"zoo entry {item.name!r}: its train function wrote no files into {target}")
+    manifest = {
+        "name": item.name,
+        "version": item.version,
+        "scale": course_config.scale(),
+        "seed": course_config.seed(),
+        "train_seconds": round(seconds, 2),
+        "files": {str(p.relative_to(target)): _sha256(p) for p in files},
+    }
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def problem(path: Path) -> str | None:
+    """Why the entry folder at `path` cannot be loaded, or None if it is complete and intact."""
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        return "missing"
+    if not manifest_path.is_file():
+        return "no manifest (training never finished)"
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    for relative, digest in files.items():
+        file = path / relative
+        if not file.is_file():
+            return f"{relative} is missing"
+        if _sha256(file) != digest:
+            return f"{relative} does not match its checksum"
+    return None
+
+
+def ensure(name: str, progress: bool = True) -> Path:
+    """Train entry `name` unless an intact copy is cached; return its folder."""
+    item = get_entry(name)
+    target = folder(name)
+    if problem(target) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        reason = problem(target)  # another process may have finished it while we waited
+        if reason is None:
+            return target
+        if reason != "missing":
+            warnings.warn(f"zoo entry {name!r} at {target} is damaged ({reason}); training it again")
+            shutil.rmtree(target)
+        for leftover in target.parent.glob(target.name + ".partial-*"):  # from a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        partial = target.with_name(target.name + f".partial-{os.getpid()}")
+        partial.mkdir()
+        if progress:
+            print(f"zoo: training {name!r} (first use at this scale and seed; cached in {target})", flush=True)
+        start = time.perf_counter()
+        try:
+            course_config.seed_everything()
+            item.train(partial)
+            _write_manifest(partial, item, time.perf_counter() - start)
+            os.replace(partial, target)  # atomic: the folder appears complete or not at all
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def load(name: str) -> Any:
+    """The trained component `name`: loaded from the cache, trained first if it is not there."""
+    return get_entry(name).load(ensure(name))
+
+
+def clear(name: str | None = None) -> None:
+    """Delete the cached copies of entry `name` (all scales and seeds), or of every entry."""
+    root = cache_dir() if name is None else cache_dir() / get_entry(name).name
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,65 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mmlib import config
+
+
+def test_defaults(monkeypatch):
+    monkeypatch.delenv("MMLIB_SCALE", raising=False)
+    monkeypatch.delenv("MMLIB_SEED", raising=False)
+    assert config.scale() == "tiny"
+    assert config.seed() == 0
+
+
+def test_scale_and_seed_from_environment(monkeypatch):
+    monkeypatch.setenv("MMLIB_SCALE", "full")
+    monkeypatch.setenv("MMLIB_SEED", "42")
+    assert config.scale() == "full"
+    assert config.seed() == 42
+    assert "scale=full seed=42" in config.describe()
+
+
+def test_unknown_scale_lists_valid_ones(monkeypatch):
+    monkeypatch.setenv("MMLIB_SCALE", "huge")
+    with pytest.raises(ValueError, match="valid scales: tiny, small, full"):
+        config.scale()
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "1.5"])
+def test_bad_seed(monkeypatch, text):
+    monkeypatch.setenv("MMLIB_SEED", text)
+    with pytest.raises(ValueError, match="MMLIB_SEED must be a non-negative integer"):
+        config.seed()
+
+
+def test_device_override(monkeypatch):
+    monkeypatch.setenv("MMLIB_DEVICE", "cpu")
+    assert config.device() == torch.device("cpu")
+    monkeypatch.setenv("MMLIB_DEVICE", "not-a-device")
+    with pytest.raises(ValueError, match="MMLIB_DEVICE"):
+        config.device()
+
+
+def test_seed_everything_makes_torch_repeatable():
+    config.seed_everything(3)
+    first = torch.rand(4)
+    config.seed_everything(3)
+    assert torch.equal(first, torch.rand(4))
+
+
+@dataclass
+class Example:
+    width: int = 8  # a documented default
+    depth: int = 2
+
+
+def test_make_config_accepts_known_keys():
+    assert config.make_config(Example, width=4) == Example(width=4, depth=2)
+    assert config.make_config(Example, {"depth": 5}) == Example(depth=5)
+
+
+def test_make_config_rejects_unknown_keys_listing_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'widht' for Example; valid keys: width, depth"):
+        config.make_config(Example, widht=4)

@@ -1,0 +1,154 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmlib import zoo
+from mmlib.data import World
+
+CALLS = []
+
+
+def train_color_probe(folder: Path) -> None:
+    """A real, tiny component: a linear probe from an image's mean color to its color attribute."""
+    CALLS.append(folder)
+    world = World()
+    index = world.split("train", 512)
+    features = torch.from_numpy(world.image(index)).amax(dim=(2, 3))  # (B, 3) brightest color
+    labels = torch.from_numpy(world.scenes(index).attributes["color"])
+    probe = torch.nn.Linear(3, 6)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.1)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(probe(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_file(probe.state_dict(), folder / "probe.safetensors")
+    (folder / "config.json").write_text(json.dumps({"in_features": 3, "out_features": 6}))
+
+
+def load_color_probe(folder: Path) -> torch.nn.Linear:
+    config = json.loads((folder / "config.json").read_text())
+    probe = torch.nn.Linear(config["in_features"], config["out_features"])
+    probe.load_state_dict(load_file(folder / "probe.safetensors"))
+    return probe
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMLIB_CACHE", str(tmp_path))
+    monkeypatch.setenv("MMLIB_SEED", "0")
+    CALLS.clear()
+    zoo.entry("test-color-probe", load=load_color_probe, description="test only")(train_color_probe)
+    yield tmp_path
+    zoo.unregister("test-color-probe")
+
+
+def test_trains_once_then_loads(cache):
+    probe = zoo.load("test-color-probe")
+    assert len(CALLS) == 1
+    world = World()
+    index = world.split("test", 256)
+    features = torch.from_numpy(world.image(index)).amax(dim=(2, 3))
+    accuracy = (probe(features).argmax(1) == torch.from_numpy(world.scenes(index).attributes["color"])).float().mean()
+    assert accuracy > 0.9, "the trained component really learned"
+    again = zoo.load("test-color-probe")
+    assert len(CALLS) == 1, "the second load comes from the cache"
+    assert torch.equal(again.weight, probe.weight)
+    folder = zoo.folder("test-color-probe")
+    assert folder == cache / "zoo" / "test-color-probe" / "tiny-seed0-v1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"probe.safetensors", "config.json"}
+    assert not list(folder.parent.glob("*.partial-*"))
+
+
+def test_training_is_deterministic(cache):
+    first = zoo.load("test-color-probe")
+    zoo.clear("test-color-probe")
+    second = zoo.load("test-color-probe")
+    assert len(CALLS) == 2
+    assert torch.equal(first.weight, second.weight)
+
+
+def test_seed_and_scale_get_their_own_entries(cache, monkeypatch):
+    zoo.ensure("test-color-probe")
+    monkeypatch.setenv("MMLIB_SEED", "1")
+    assert zoo.folder("test-color-probe").name == "tiny-seed1-v1"
+    zoo.ensure("test-color-probe")
+    monkeypatch.setenv("MMLIB_SCALE", "small")
+    assert zoo.folder("test-color-probe").name == "small-seed1-v1"
+    assert len(CALLS) == 2
+
+
+def test_corrupt_file_is_detected_and_retrained(cache):
+    folder = zoo.ensure("test-color-probe")
+    weights = folder / "probe.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    assert "does not match its checksum" in zoo.problem(folder)
+    with pytest.warns(UserWarning, match="damaged .*probe.safetensors does not match its checksum"):
+        probe = zoo.load("test-color-probe")
+    assert len(CALLS) == 2 and zoo.problem(folder) is None
+    assert isinstance(probe, torch.nn.Linear)
+
+
+def test_half_written_entry_is_retrained(cache):
+    folder = zoo.ensure("test-color-probe")
+    (folder / "manifest.json").unlink()  # as if training died before finishing
+    assert zoo.problem(folder) == "no manifest (training never finished)"
+    with pytest.warns(UserWarning, match="training never finished"):
+        zoo.ensure("test-color-probe")
+    (folder / "config.json").unlink()
+    assert zoo.problem(folder) == "config.json is missing"
+    with pytest.warns(UserWarning):
+        zoo.load("test-color-probe")
+    assert len(CALLS) == 3
+
+
+def test_failed_training_leaves_nothing_behind(cache):
+    def broken(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("out of memory")
+
+    zoo.entry("test-broken", load=lambda folder: None)(broken)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            zoo.ensure("test-broken")
+        assert zoo.problem(zoo.folder("test-broken")) == "missing"
+        assert not list((cache / "zoo" / "test-broken").glob("*.partial-*"))
+    finally:
+        zoo.unregister("test-broken")
+
+
+def test_unknown_entry_lists_valid_names(cache):
+    with pytest.raises(ValueError, match="unknown zoo entry 'nope'; valid entries: .*test-color-probe"):
+        zoo.load("nope")
+
+
+HELPER = """
+import sys, time
+from pathlib import Path
+from mmlib import zoo
+
+def train(folder: Path) -> None:
+    with open(sys.argv[1], "a") as log:
+        log.write("trained\\n")
+    time.sleep(1.5)  # long enough for the other process to arrive and wait on the lock
+    (folder / "weights.bin").write_bytes(b"0123")
+
+zoo.entry("test-locked", load=lambda folder: (folder / "weights.bin").read_bytes())(train)
+assert zoo.load("test-locked") == b"0123"
+"""
+
+
+def test_two_processes_train_an_entry_once(cache, tmp_path):
+    script = tmp_path / "helper.py"
+    script.write_text(textwrap.dedent(HELPER))
+    log = tmp_path / "log.txt"
+    processes = [subprocess.Popen([sys.executable, str(script), str(log)]) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    assert log.read_text().count("trained") == 1

@@ -1,0 +1,55 @@
+# The two commands a newcomer needs: `make lab` and `make test`. Both build .venv on first use.
+#
+#   make lab      build .venv if missing, then serve JupyterLab on notebooks/ (prints the URL)
+#   make test     build .venv if missing, then pytest (tests/, mmlib doctests) and nbval (notebooks/)
+#   make course   re-execute every notebook in place at tiny scale, refreshing committed outputs
+#   make bench    run every script in benchmarks/ (they print speed and memory figures)
+#
+# Variables: PYTHON (interpreter that builds the venv), TORCH (the torch requirement installed
+# first: torch==2.13.0 is the CPU build CI uses; e.g. TORCH="torch --index-url
+# https://download.pytorch.org/whl/cu126" for a GPU), LAB_IP, LAB_PORT, LAB_ARGS, JOBS.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+LAB_ARGS ?=
+JOBS ?= 2
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# Jupyter refuses to run as root (containers, CI) unless told it may.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
+.PHONY: lab test course bench venv
+
+venv: $(VENV)/.installed
+
+# torch goes in first, on its own: a later `pip install -e .` then finds its range satisfied and
+# never resolves a CUDA build of several GB on a CPU machine.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name mmlib --display-name "Python (mmlib)" > /dev/null
+	touch $@
+
+lab: venv
+	@echo "JupyterLab on notebooks/ (kernel 'Python (mmlib)'); open the http://$(LAB_IP):$(LAB_PORT)/lab?token=... URL printed below. Ctrl-C stops it."
+	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
+
+# A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
+test: venv
+	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
+	MMLIB_CACHE=$$cache MMLIB_SCALE=tiny $(BIN)/python -m pytest -n $(JOBS) --dist loadscope \
+		tests --doctest-modules mmlib \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	status=$$?; rm -rf $$cache; exit $$status
+
+course: venv
+	MMLIB_SCALE=tiny $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
+
+bench: venv
+	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

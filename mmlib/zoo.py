@@ -58,11 +58,11 @@ _REGISTRY: dict[str, Entry] = {}
 
 
 def entry(name: str, *, load: Callable[[Path], Any], version: int = 1, description: str = "", lesson: str = ""):
-    """Decorator registering a training function as zoo entry `name`.
+    """Decorator registering a training function as zoo entry `name`, for example::
 
-    >>> @entry("my-model", load=my_load, lesson="01_contrastive_encoders.ipynb")  # doctest: +SKIP
-    ... def train_my_model(folder: Path) -> None:
-    ...     ...  # train, then save_pretrained(folder) / save_file(..., folder / "model.safetensors")
+        @zoo.entry("my-model", load=load_my_model, lesson="01_contrastive_encoders.ipynb")
+        def train_my_model(folder: Path) -> None:
+            ...  # train, then model.save_pretrained(folder) or save_file(weights, folder / "x.safetensors")
     """
 
     def register(train: Callable[[Path], None]) -> Callable[[Path], None]:

@@ -17,7 +17,7 @@ AMBIENT = np.array([[0.05, 0.09, 0.22], [0.12, 0.11, 0.09], [0.24, 0.07, 0.04]],
 THERMAL_LEVEL = (0.05, 0.55, 0.95)  # cold objects read darker than the room, hot ones bright
 THERMAL_ROOM = 0.25
 DEPTH_LEVEL = (0.55, 0.95)  # small objects stand far away (dim), large ones near (bright)
-TRAIL = (0.45, 0.28, 0.12)  # opacity of the ghost copies behind a moving object in a still image
+TRAIL = (0.55, 0.35, 0.18)  # opacity of the ghost copies behind a moving object in a still image
 
 
 def _length(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ ROWS = (0.3, 0.7)  # y of top, bottom (image y grows downwards)
 RADII = (0.15, 0.24)  # small, large
 DIRECTIONS = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.float32)  # still, l, r, u, d
 TRAVEL = 0.25  # how far a moving object travels over a video clip, as a fraction of the frame
-TRAIL_STEP = 0.065  # spacing of the ghost copies that show motion in a still image
+TRAIL_STEP = 0.1  # spacing of the ghost copies that show motion in a still image
 COLORS = np.array(
     [
         [0.92, 0.12, 0.10],  # red
@@ -254,7 +254,7 @@ class World:
             raise ValueError("pass either a WorldConfig or keyword overrides, not both")
         self.config = config or course_config.make_config(WorldConfig, overrides)
         self.seed = course_config.seed() if seed is None else int(seed)
-        self._mel_filters = None  # built on first use of log_mel
+        self._log_mel = None  # built on first use of log_mel
         self._captioner = None  # built on first use of captions
 
     def __repr__(self) -> str:
@@ -394,11 +394,14 @@ class World:
 
     def log_mel(self, waveform) -> np.ndarray:
         """Log-mel spectrograms of waveforms, (B, n_mels, frames) float32 (natural log)."""
+        import torch
+
         from mmlib.data import sound
 
-        if self._mel_filters is None:
-            self._mel_filters = sound.mel_filters(self.config)
-        return sound.log_mel(waveform, self.config, self._mel_filters)
+        if self._log_mel is None:
+            self._log_mel = sound.LogMel(self.config)
+        with torch.no_grad():
+            return self._log_mel(torch.as_tensor(np.asarray(waveform, dtype=np.float32))).numpy()
 
     def imu(self, scenes) -> np.ndarray:
         """IMU traces, (B, 6, steps) float32: accelerometer x, y, z (in g), gyroscope x, y, z."""
@@ -406,19 +409,20 @@ class World:
 
         return sensors.render_imu(self._as_scenes(scenes), self.config.imu_steps, self.seed)
 
-    def captions(self, scenes, variant=0, mention: str | tuple[str, ...] = "random"):
+    def captions(self, scenes, variant=0, mention: str | tuple[str, ...] = "random", among=tuple(ATTRIBUTES)):
         """Captions of the scenes and the attributes each one mentions.
 
         `variant` (int or (B,) ints) picks one of many captions per scene. `mention` is
         ``"random"`` (a random subset of attributes, shape and color most often), ``"all"``, or
-        a tuple of attribute names. Returns ``(texts, mentioned)`` with `mentioned` a (B, 6)
-        boolean array in `ATTRIBUTES` order.
+        a tuple of attribute names; `among` limits "random" and "all" to some attributes (e.g.
+        ``REVEALS["audio"]`` for captions of sounds). Returns ``(texts, mentioned)`` with
+        `mentioned` a (B, 6) boolean array in `ATTRIBUTES` order.
         """
         from mmlib.data import captions
 
         if self._captioner is None:
             self._captioner = captions.Captioner()
-        return self._captioner.captions(self._as_scenes(scenes), self.seed, variant, mention)
+        return self._captioner.captions(self._as_scenes(scenes), self.seed, variant, mention, among)
 
     def reveals(self, n: int = 32) -> dict[str, dict[str, float]]:
         """Measure which attributes each modality reveals: the datasheet, checked by experiment.

@@ -17,11 +17,13 @@ def expected(scenes, mentioned, i):
     return {name: truth[name] for name, said in zip(ATTRIBUTES, mentioned[i]) if said}
 
 
-@pytest.mark.parametrize("mention", ["random", "all", ("color", "motion")])
-def test_parser_reads_back_exactly_what_each_caption_mentions(world, mention):
+@pytest.mark.parametrize("mention, among", [("random", tuple(ATTRIBUTES)), ("all", tuple(ATTRIBUTES)),
+                                           (("color", "motion"), tuple(ATTRIBUTES)), ("random", ("size", "motion"))])
+def test_parser_reads_back_exactly_what_each_caption_mentions(world, mention, among):
     scenes = world.scenes(world.split("train", 3000))
     for variant in (0, 1):
-        texts, mentioned = world.captions(scenes, variant=variant, mention=mention)
+        texts, mentioned = world.captions(scenes, variant=variant, mention=mention, among=among)
+        assert not mentioned[:, [name not in among for name in ATTRIBUTES]].any()
         for i, text in enumerate(texts):
             assert parse_caption(text) == expected(scenes, mentioned, i), text
 
@@ -37,6 +39,11 @@ def test_mention_modes(world):
     assert only[:, list(ATTRIBUTES).index("size")].all() and only.sum() == len(scenes)
     with pytest.raises(ValueError, match="unknown attribute 'weight'"):
         world.captions(scenes, mention=("weight",))
+    audio_only = world.captions(scenes, among=("shape", "color", "size", "motion"))[1]
+    assert audio_only.any(axis=1).all() and not audio_only[:, [3, 5]].any()
+    assert world.captions(scenes, mention="all", among=("color",))[1].sum(axis=1).tolist() == [1] * len(scenes)
+    with pytest.raises(ValueError, match="at least one attribute"):
+        world.captions(scenes, among=())
 
 
 def test_one_scene_has_many_captions(world):
@@ -85,7 +92,7 @@ def test_parser_flags_contradictions_and_ignores_other_words():
     assert parse_caption("a red circle that is blue") == {"color": AMBIGUOUS, "shape": "circle"}
     assert parse_caption("A Huge Violet Disc Rising") == {"size": "large", "color": "purple", "shape": "circle",
                                                          "motion": "up"}
-    assert parse_caption("a lukewarm wedge at the top") == {"temperature": "warm", "shape": "triangle",
-                                                            "position": "top center"}
+    assert parse_caption("a lukewarm wedge in the middle of the top") == {"temperature": "warm", "shape": "triangle",
+                                                                          "position": "top center"}
     assert parse_caption("nothing to see") == {}
-    assert parse_caption("moving left at the top left") == {"motion": "left", "position": "top left"}
+    assert parse_caption("moving leftward at the top right") == {"motion": "left", "position": "top right"}

@@ -79,28 +79,36 @@ class Captioner:
         self.words = vocabulary()
         self.templates = templates()
 
-    def _mentions(self, u: np.ndarray, mention) -> np.ndarray:
+    def _mentions(self, u: np.ndarray, mention, among) -> np.ndarray:
         """(B, 6) booleans: which attributes each caption mentions."""
         names = list(ATTRIBUTES)
+        allowed = np.array([name in among for name in names])
         if mention == "random":
             chance = np.array([MENTION_PROBABILITY[name] for name in names])
-            mentioned = u[:, : len(names)] < chance
-            nothing = ~mentioned.any(axis=1)
-            mentioned[nothing, names.index("shape")] = True
+            mentioned = (u[:, : len(names)] < chance) & allowed
+            nothing = np.flatnonzero(~mentioned.any(axis=1))
+            first = np.flatnonzero(allowed)  # fall back on one allowed attribute, drawn at random
+            mentioned[nothing, first[(u[nothing, 23] * len(first)).astype(int)]] = True
             return mentioned
         if mention == "all":
-            return np.ones((len(u), len(names)), dtype=bool)
+            return np.broadcast_to(allowed, (len(u), len(names))).copy()
         chosen = (mention,) if isinstance(mention, str) else tuple(mention)
         for name in chosen:
             check_choice("attribute", name, names + ["random", "all"])
         return np.broadcast_to(np.array([name in chosen for name in names]), (len(u), len(names))).copy()
 
-    def captions(self, scenes: Scenes, seed: int, variant=0, mention="random") -> tuple[list[str], np.ndarray]:
+    def captions(self, scenes: Scenes, seed: int, variant=0, mention="random",
+                 among=tuple(ATTRIBUTES)) -> tuple[list[str], np.ndarray]:
         """Captions of `scenes` and a (B, 6) mask of the attributes each mentions."""
+        among = tuple(among)
+        for name in among:
+            check_choice("attribute", name, list(ATTRIBUTES))
+        if not among:
+            raise ValueError("captions need at least one attribute to mention (among is empty)")
         variant = np.broadcast_to(np.asarray(variant, dtype=np.int64), (len(scenes),))
         key = scenes.noise_key * 1_000_003 + variant  # one caption per (scene, variant)
         u = uniform(seed, key, "caption", 24)  # (B, 24) uniforms, one per choice below
-        mentioned = self._mentions(u, mention)
+        mentioned = self._mentions(u, mention, among)
         texts = [self._caption(scenes.describe(i), mentioned[i], u[i]) for i in range(len(scenes))]
         return texts, mentioned
 

@@ -101,13 +101,24 @@ def mel_filters(config: WorldConfig) -> np.ndarray:
     ).astype(np.float32)
 
 
-def log_mel(waveform, config: WorldConfig, filters: np.ndarray) -> np.ndarray:
-    """Natural-log mel power spectrograms (B, n_mels, frames) of waveforms (B, samples)."""
-    audio = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
-    if audio.ndim != 2:
-        raise ValueError(f"log_mel expects waveforms of shape (batch, samples), got {tuple(audio.shape)}")
-    window = torch.hann_window(config.n_fft)
-    spectrum = torch.stft(audio, config.n_fft, config.hop_length, window=window, center=True, return_complex=True)
-    power = spectrum.abs() ** 2  # (B, n_fft // 2 + 1, frames)
-    mel = torch.einsum("bft,fm->bmt", power, torch.from_numpy(filters))  # (B, n_mels, frames)
-    return torch.log(mel.clamp_min(1e-6)).numpy()
+class LogMel(torch.nn.Module):
+    """Waveforms (B, samples) -> natural-log mel power spectrograms (B, n_mels, frames).
+
+    A module, so an audio encoder can carry its own front end to any device; `World.log_mel`
+    uses the same one.
+    """
+
+    def __init__(self, config: WorldConfig) -> None:
+        super().__init__()
+        self.n_fft, self.hop_length = config.n_fft, config.hop_length
+        self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
+        self.register_buffer("filters", torch.from_numpy(mel_filters(config)), persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.ndim != 2:
+            raise ValueError(f"log-mel expects waveforms of shape (batch, samples), got {tuple(waveform.shape)}")
+        spectrum = torch.stft(waveform.float(), self.n_fft, self.hop_length, window=self.window, center=True,
+                              return_complex=True)
+        power = spectrum.abs() ** 2  # (B, n_fft // 2 + 1, frames)
+        mel = torch.einsum("bft,fm->bmt", power, self.filters)  # (B, n_mels, frames)
+        return torch.log(mel.clamp_min(1e-6))

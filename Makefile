@@ -47,8 +47,9 @@ test: venv
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
 	status=$$?; rm -rf $$cache; exit $$status
 
+# MMLIB_PROGRESS=0: a progress bar saved in a notebook shows frozen at 0%; the lab still shows them live.
 course: venv
-	MMLIB_SCALE=tiny $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	MMLIB_SCALE=tiny MMLIB_PROGRESS=0 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1800 --ExecutePreprocessor.kernel_name=python3 $(NOTEBOOKS)
 
 bench: venv

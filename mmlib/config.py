@@ -6,7 +6,8 @@ from here, so one environment variable changes them everywhere:
 - ``MMLIB_SCALE``: ``tiny`` (default; laptop CPU and CI), ``small`` (a Colab GPU) or ``full``
   (real checkpoints on real GPUs);
 - ``MMLIB_SEED``: an integer, default 0; every random thing in the course flows from it;
-- ``MMLIB_DEVICE``: optional override of the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+- ``MMLIB_DEVICE``: optional override of the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
+- ``MMLIB_PROGRESS``: ``0`` hides progress bars (default: shown).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -74,25 +77,76 @@ def seed_everything(value: int | None = None) -> int:
     return value
 
 
+def show_progress() -> bool:
+    """Whether training loops draw progress bars (``MMLIB_PROGRESS=0`` turns them off).
+
+    `make course` turns them off: a bar saved in a committed notebook would show frozen at 0%.
+    """
+    return os.environ.get("MMLIB_PROGRESS", "1") not in ("0", "false", "no")
+
+
 def describe() -> str:
     """One line naming the device, scale and seed in use, printed by every notebook's setup cell."""
     return f"device={device()} scale={scale()} seed={seed()} torch={torch.__version__}"
 
 
-def make_config(cls: type[T], overrides: dict[str, Any] | None = None, **kwargs: Any) -> T:
-    """Build the dataclass `cls` from keyword overrides, rejecting keys it does not have.
+def make_config(cls: type[T], overrides: dict[str, Any] | None = None, path: str = "", **kwargs: Any) -> T:
+    """Build the dataclass `cls` from overrides, rejecting keys it does not have.
 
     ``make_config(WorldConfig, image_size=64)`` works; ``make_config(WorldConfig, imagesize=64)``
-    raises a ValueError that lists the valid keys instead of a bare ``TypeError``.
+    raises a ValueError naming the key's path and listing the valid keys, instead of a bare
+    ``TypeError``. Nested dataclass fields accept dicts, checked the same way.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     values = {**(overrides or {}), **kwargs}
-    valid = [field.name for field in dataclasses.fields(cls) if field.init]
-    unknown = sorted(set(values) - set(valid))
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
-            f"unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__}; "
-            f"valid keys: {', '.join(valid)}"
-        )
+        where = ", ".join(repr(f"{path}.{key}" if path else key) for key in unknown)
+        raise ValueError(f"unknown key(s) {where} for {cls.__name__}; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(kind):
+            values[name] = make_config(kind, value, path=f"{path}.{name}" if path else name)
     return cls(**values)
+
+
+# Per-scale settings live in configs/<scale>.yaml, one section per component. Each module that
+# reads a section registers its dataclass here, so a file can be checked as a whole.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> type:
+    """Declare that ``configs/<scale>.yaml`` may hold a section `name` shaped like dataclass `cls`."""
+    SECTIONS[name] = cls
+    return cls
+
+
+def _read_scale_file(scale_name: str) -> dict:
+    import yaml
+
+    path = CONFIG_DIR / f"{check_scale(scale_name)}.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def scale_config(section: str, cls: type[T], scale_name: str | None = None) -> T:
+    """The dataclass `cls` for `section` of ``configs/<scale>.yaml`` (defaults where it is silent)."""
+    scale_name = scale() if scale_name is None else scale_name
+    values = _read_scale_file(scale_name).get(section) or {}
+    return make_config(cls, values, path=f"{scale_name}.yaml:{section}")
+
+
+def check_config_file(scale_name: str) -> None:
+    """Validate every section of ``configs/<scale>.yaml``; unknown sections or keys raise."""
+    for section, values in _read_scale_file(scale_name).items():
+        if section not in SECTIONS:
+            raise ValueError(f"{scale_name}.yaml: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")
+        make_config(SECTIONS[section], values or {}, path=f"{scale_name}.yaml:{section}")

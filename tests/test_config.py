@@ -63,3 +63,16 @@ def test_make_config_accepts_known_keys():
 def test_make_config_rejects_unknown_keys_listing_valid_ones():
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'widht' for Example; valid keys: width, depth"):
         config.make_config(Example, widht=4)
+
+
+@dataclass
+class Outer:
+    inner: Example = None
+    name: str = "x"
+
+
+def test_make_config_builds_nested_dataclasses_and_names_the_bad_key_path():
+    built = config.make_config(Outer, {"inner": {"width": 3}})
+    assert built.inner == Example(width=3)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'inner.widht' for Example; valid keys: width, depth"):
+        config.make_config(Outer, {"inner": {"widht": 3}})

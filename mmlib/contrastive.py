@@ -1,0 +1,150 @@
+"""Contrastive learning: CLIP's symmetric InfoNCE loss, its learnable temperature, a training loop.
+
+Introduced in `01_contrastive_encoders.ipynb`; reused by `02_imagebind.ipynb`. Given a batch of
+B matching pairs (an image and its caption, a sound and its caption), the loss asks each item to
+pick its own partner out of the B candidates on the other side, in both directions:
+
+    logits = s * A @ B^T          (B, B): s = exp(log_scale) = 1 / temperature, clamped at 100
+    L = (CE(logits, diag) + CE(logits^T, diag)) / 2
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import trange
+
+from mmlib import config as course_config
+
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap: a temperature below 0.01 makes training unstable
+
+
+class LogitScale(nn.Module):
+    """CLIP's temperature, stored as a log: ``scale = exp(log_scale)``, at most 100."""
+
+    def __init__(self, init_temperature: float = 0.07, learnable: bool = True) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learnable)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / float(self().detach())
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matching pairs; a[i] and b[i] are unit vectors (B, D).
+
+    Written out by hand: cross-entropy of the true pair is ``logsumexp(row) - logit of the pair``.
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"contrastive_loss needs two (batch, dim) tensors of one shape; got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    logits = logit_scale * a @ b.T  # (B, B): row i scores a[i] against every b
+    matching = logits.diagonal()  # (B,): the true pairs
+    a_to_b = (torch.logsumexp(logits, dim=1) - matching).mean()  # each a picks its b
+    b_to_a = (torch.logsumexp(logits, dim=0) - matching).mean()  # each b picks its a
+    return (a_to_b + b_to_a) / 2
+
+
+@dataclass
+class ContrastiveConfig:
+    """How long and how fast a contrastive run trains."""
+
+    steps: int = 700  # optimizer steps; every step sees freshly rendered scenes
+    batch_size: int = 128  # pairs per step; each item has batch_size - 1 negatives
+    lr: float = 3e-3  # peak learning rate (one-cycle: warm up, then cosine down)
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1  # share of steps spent warming up
+    learn_temperature: bool = True  # False keeps the temperature at init_temperature
+    init_temperature: float = 0.07  # CLIP's initial temperature
+
+
+@dataclass
+class History:
+    """What a training run logged: per step, and at evaluation points."""
+
+    loss: list[float] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)  # {"step": s, metric: value, ...}
+    seconds: float = 0.0
+
+
+def train_contrastive(
+    encode_a: Callable[[object], torch.Tensor],
+    encode_b: Callable[[object], torch.Tensor],
+    batches: Callable[[int], tuple[object, object]],
+    parameter_groups: list[dict],
+    config: ContrastiveConfig,
+    logit_scale: LogitScale,
+    modules: list[nn.Module] = (),
+    evaluate: Callable[[], dict] | None = None,
+    eval_every: int = 0,
+    description: str = "contrastive",
+) -> History:
+    """Train encoders so that `encode_a(x)` and `encode_b(y)` meet for the pairs `batches(step)`.
+
+    `encode_a`/`encode_b` return unit vectors; `parameter_groups` are the optimizer's groups
+    (each may set its own ``lr``, scaled by the schedule); `modules` are switched to eval mode
+    around `evaluate`, which is called every `eval_every` steps and at the end.
+    """
+    groups = [dict(group) for group in parameter_groups]
+    if config.learn_temperature:
+        groups.append({"params": [logit_scale.log_scale], "weight_decay": 0.0})
+    for group in groups:
+        group.setdefault("lr", config.lr)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[group["lr"] for group in groups], total_steps=config.steps,
+        pct_start=config.warmup_fraction,
+    )
+    history, start = History(), time.perf_counter()
+
+    def run_evaluation(step: int) -> None:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            history.evaluations.append({"step": step, **evaluate()})
+        for module in modules:
+            module.train()
+
+    for module in modules:
+        module.train()
+    for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
+        a, b = batches(step)
+        loss = contrastive_loss(encode_a(a), encode_b(b), logit_scale())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.loss.append(loss.item())
+        history.temperature.append(logit_scale.temperature)
+        if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < config.steps:
+            run_evaluation(step + 1)
+    if evaluate is not None:
+        run_evaluation(config.steps)
+    for module in modules:
+        module.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def plot_history(history: History, title: str = "", axes=None):
+    """Loss and temperature over the steps of a contrastive run."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(8, 2.6))
+    axes[0].plot(history.loss, linewidth=0.8)
+    axes[0].set(xlabel="step", ylabel="InfoNCE loss", title=f"{title} loss".strip())
+    axes[1].plot(history.temperature, color="tab:orange")
+    axes[1].set(xlabel="step", ylabel="temperature", title=f"{title} temperature".strip())
+    axes[0].figure.tight_layout()
+    return axes[0].figure

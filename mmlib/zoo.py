@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 
 # Modules that register zoo entries; imported on the first lookup of a name not yet registered.
 # Each lesson's module adds itself here.
-PROVIDERS: tuple[str, ...] = ()
+PROVIDERS: tuple[str, ...] = ("mmlib.tokenizer", "mmlib.clip")
 
 
 @dataclass(frozen=True)

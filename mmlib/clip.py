@@ -194,12 +194,36 @@ def _features(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
-class PretrainedClip(nn.Module):
+class PretrainedPair(nn.Module):
+    """A transformers dual encoder (text plus one other modality) behind ``embed(modality, batch)``."""
+
+    modalities: list[str] = []  # ["text", the other modality], set by each subclass
+
+    @torch.no_grad()
+    def embed(self, modality: str, batch) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if modality == "text":
+            tokens = self.tokenizer([batch] if isinstance(batch, str) else list(batch), padding=True,
+                                    truncation=True, return_tensors="pt").to(device)
+            output = self.model.get_text_features(**tokens)
+        elif modality in self.modalities:
+            output = self.embed_other(batch, device)
+        else:
+            raise ValueError(f"this encoder set has no {modality!r} encoder; it encodes: {', '.join(self.modalities)}")
+        return F.normalize(_features(output).float(), dim=-1)
+
+    def embed_other(self, batch, device):
+        raise NotImplementedError
+
+
+class PretrainedClip(PretrainedPair):
     """A transformers CLIPModel (e.g. ``openai/clip-vit-large-patch14``) as an encoder set.
 
     Images come in as the world renders them, (B, 3, H, W) in [0, 1]; the checkpoint's own image
     processor resizes and normalises them.
     """
+
+    modalities = ["image", "text"]
 
     def __init__(self, name_or_path: str, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -209,31 +233,21 @@ class PretrainedClip(nn.Module):
         self.image_processor = AutoImageProcessor.from_pretrained(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
 
-    modalities = ["image", "text"]
-
-    @torch.no_grad()
-    def embed(self, modality: str, batch) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        if modality == "image":
-            if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
-                raise ValueError(f"image batch must be a (batch, 3, H, W) tensor in [0, 1]; got {getattr(batch, 'shape', type(batch))}")
-            pixels = self.image_processor(images=list(batch.float().cpu()), do_rescale=False, return_tensors="pt")
-            output = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(device, self.model.dtype))
-        elif modality == "text":
-            tokens = self.tokenizer([batch] if isinstance(batch, str) else list(batch), padding=True,
-                                    truncation=True, return_tensors="pt").to(device)
-            output = self.model.get_text_features(**tokens)
-        else:
-            raise ValueError(f"this encoder set has no {modality!r} encoder; it encodes: image, text")
-        return F.normalize(_features(output).float(), dim=-1)
+    def embed_other(self, batch, device):
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"image batch must be a (batch, 3, H, W) tensor in [0, 1]; got {getattr(batch, 'shape', type(batch))}")
+        pixels = self.image_processor(images=list(batch.float().cpu()), do_rescale=False, return_tensors="pt")
+        return self.model.get_image_features(pixel_values=pixels["pixel_values"].to(device, self.model.dtype))
 
 
-class PretrainedClap(nn.Module):
+class PretrainedClap(PretrainedPair):
     """A transformers ClapModel (e.g. ``laion/clap-htsat-unfused``) as an encoder set.
 
     Sounds come in as the world renders them, (B, samples) at `sample_rate`; they are resampled
     to the checkpoint's rate (48 kHz for LAION's CLAP) before its feature extractor.
     """
+
+    modalities = ["audio", "text"]
 
     def __init__(self, name_or_path: str, sample_rate: int = 8000, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -244,29 +258,17 @@ class PretrainedClap(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.sample_rate = sample_rate
 
-    modalities = ["audio", "text"]
-
-    @torch.no_grad()
-    def embed(self, modality: str, batch) -> torch.Tensor:
+    def embed_other(self, batch, device):
         from scipy.signal import resample_poly
 
-        device = next(self.model.parameters()).device
-        if modality == "audio":
-            if not isinstance(batch, torch.Tensor) or batch.ndim != 2:
-                raise ValueError(f"audio batch must be waveforms (batch, samples); got {getattr(batch, 'shape', type(batch))}")
-            target = self.feature_extractor.sampling_rate
-            sounds = [resample_poly(wave.double().cpu().numpy(), target, self.sample_rate) for wave in batch]
-            features = self.feature_extractor(sounds, sampling_rate=target, return_tensors="pt")
-            inputs = {key: value.to(device) for key, value in features.items() if key in ("input_features", "is_longer")}
-            inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
-            output = self.model.get_audio_features(**inputs)
-        elif modality == "text":
-            tokens = self.tokenizer([batch] if isinstance(batch, str) else list(batch), padding=True,
-                                    truncation=True, return_tensors="pt").to(device)
-            output = self.model.get_text_features(**tokens)
-        else:
-            raise ValueError(f"this encoder set has no {modality!r} encoder; it encodes: audio, text")
-        return F.normalize(_features(output).float(), dim=-1)
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 2:
+            raise ValueError(f"audio batch must be waveforms (batch, samples); got {getattr(batch, 'shape', type(batch))}")
+        target = self.feature_extractor.sampling_rate
+        sounds = [resample_poly(wave.double().cpu().numpy(), target, self.sample_rate) for wave in batch]
+        features = self.feature_extractor(sounds, sampling_rate=target, return_tensors="pt")
+        inputs = {key: value.to(device) for key, value in features.items() if key in ("input_features", "is_longer")}
+        inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        return self.model.get_audio_features(**inputs)
 
 
 def load_clip(config: ClipConfig | None = None):

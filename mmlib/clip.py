@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mmlib import config as course_config
 from mmlib import zoo
-from mmlib.contrastive import ContrastiveConfig, History, LogitScale, train_contrastive
+from mmlib.contrastive import ContrastiveConfig, History, LogitScale, contrastive_loss, train_contrastive
 from mmlib.data import REVEALS, DigitsDataset, World, digit_caption
 from mmlib.encoders import ConvEncoderConfig, EncoderSet, TextEncoderConfig, build_encoders, tower_spec
 
@@ -56,20 +56,23 @@ class TrainedEncoders:
     """An encoder set and what its contrastive training left: temperature and curves."""
 
     encoders: EncoderSet
-    logit_scale: LogitScale
+    logit_scales: dict[str, LogitScale]  # one per trained pair, e.g. {"image-text": ...}
     history: History
 
     def save(self, folder: Path) -> None:
         self.encoders.save(folder)
-        record = {"log_scale": self.logit_scale.log_scale.item(), "history": asdict(self.history)}
+        record = {"log_scales": {name: scale.log_scale.item() for name, scale in self.logit_scales.items()},
+                  "history": asdict(self.history)}
         (Path(folder) / "contrastive.json").write_text(json.dumps(record))
 
     @classmethod
     def load(cls, folder: Path) -> "TrainedEncoders":
         record = json.loads((Path(folder) / "contrastive.json").read_text())
-        logit_scale = LogitScale()
-        logit_scale.log_scale.data.fill_(record["log_scale"])
-        return cls(EncoderSet.load(folder), logit_scale, History(**record["history"]))
+        scales = {}
+        for name, value in record["log_scales"].items():
+            scales[name] = LogitScale()
+            scales[name].log_scale.data.fill_(value)
+        return cls(EncoderSet.load(folder), scales, History(**record["history"]))
 
 
 def caption_batches(world: World, modality: str, batch_size: int, full_caption_fraction: float,
@@ -105,23 +108,34 @@ def train_pair(modality: str, tower: ConvEncoderConfig, kind: str, text: TextEnc
     world = world or World()
     course_config.seed_everything()
     encoders = build_encoders({modality: tower_spec(kind, tower), "text": tower_spec("text", text)}, tokenizer)
-    logit_scale = LogitScale(training.init_temperature, learnable=training.learn_temperature)
+    batches = caption_batches(world, modality, training.batch_size, full_caption_fraction)
+    return fit_pair(encoders, modality, batches, training, text_lr, evaluate, eval_every, description)
+
+
+def fit_pair(encoders: EncoderSet, modality: str, batches, training: ContrastiveConfig, text_lr: float,
+             evaluate=None, eval_every: int = 0, description: str | None = None) -> TrainedEncoders:
+    """Train both towers of a `modality`-text encoder set on `batches(step) -> (inputs, captions)`."""
+    name = f"{modality}-text"
+    scales = {name: LogitScale(training.init_temperature, learnable=training.learn_temperature)}
+
+    def losses(step: int) -> dict[str, torch.Tensor]:
+        inputs, captions = batches(step)
+        return {name: contrastive_loss(encoders.embed(modality, inputs), encoders.embed("text", captions), scales[name]())}
+
     history = train_contrastive(
-        encode_a=lambda x: encoders.embed(modality, x),
-        encode_b=lambda texts: encoders.embed("text", texts),
-        batches=caption_batches(world, modality, training.batch_size, full_caption_fraction),
+        losses,
         parameter_groups=[
             {"params": list(encoders.towers[modality].parameters())},
             {"params": list(encoders.towers["text"].parameters()), "lr": text_lr},
         ],
         config=training,
-        logit_scale=logit_scale,
+        logit_scales=scales,
         modules=[encoders],
         evaluate=(lambda: evaluate(encoders)) if evaluate else None,
         eval_every=eval_every,
-        description=description or f"{modality}-text",
+        description=description or name,
     )
-    return TrainedEncoders(encoders, logit_scale, history)
+    return TrainedEncoders(encoders, scales, history)
 
 
 def train_clip(config: ClipConfig, tokenizer, world: World | None = None, **options) -> TrainedEncoders:
@@ -154,31 +168,18 @@ def train_digits_clip(config: ClipConfig, tokenizer, dataset=None, steps: int = 
     dataset = dataset or DigitsDataset("train")
     encoders = build_encoders({"image": tower_spec("conv", config.image), "text": tower_spec("text", config.text)},
                               tokenizer)
-    training = replace(config.training, steps=steps)
-    logit_scale = LogitScale(training.init_temperature, learnable=training.learn_temperature)
-    history = train_contrastive(
-        encode_a=lambda x: encoders.embed("image", x),
-        encode_b=lambda texts: encoders.embed("text", texts),
-        batches=digit_batches(dataset, training.batch_size, dataset.seed),
-        parameter_groups=[
-            {"params": list(encoders.towers["image"].parameters())},
-            {"params": list(encoders.towers["text"].parameters()), "lr": config.text_lr},
-        ],
-        config=training,
-        logit_scale=logit_scale,
-        modules=[encoders],
-        description="digits",
-    )
-    return TrainedEncoders(encoders, logit_scale, history)
+    batches = digit_batches(dataset, config.training.batch_size, dataset.seed)
+    return fit_pair(encoders, "image", batches, replace(config.training, steps=steps), config.text_lr,
+                    description="digits")
 
 
-@zoo.entry("clip", load=TrainedEncoders.load, description="tiny CLIP: image and text encoders",
+@zoo.entry("clip", load=TrainedEncoders.load, version=2, description="tiny CLIP: image and text encoders",
            lesson="01_contrastive_encoders.ipynb")
 def _train_zoo_clip(folder: Path) -> None:
     train_clip(course_config.scale_config("clip", ClipConfig), zoo.load("tokenizer")).save(folder)
 
 
-@zoo.entry("clap", load=TrainedEncoders.load, description="tiny CLAP: audio and text encoders",
+@zoo.entry("clap", load=TrainedEncoders.load, version=2, description="tiny CLAP: audio and text encoders",
            lesson="01_contrastive_encoders.ipynb")
 def _train_zoo_clap(folder: Path) -> None:
     train_clap(course_config.scale_config("clap", ClapConfig), zoo.load("tokenizer")).save(folder)

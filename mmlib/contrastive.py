@@ -69,35 +69,39 @@ class ContrastiveConfig:
 
 @dataclass
 class History:
-    """What a training run logged: per step, and at evaluation points."""
+    """What a training run logged: per step and per named loss, and at evaluation points."""
 
-    loss: list[float] = field(default_factory=list)
-    temperature: list[float] = field(default_factory=list)
+    loss: dict[str, list[float]] = field(default_factory=dict)  # e.g. {"image-text": [...]}
+    temperature: dict[str, list[float]] = field(default_factory=dict)
     evaluations: list[dict] = field(default_factory=list)  # {"step": s, metric: value, ...}
     seconds: float = 0.0
 
+    @property
+    def steps(self) -> int:
+        return max((len(values) for values in self.loss.values()), default=0)
+
 
 def train_contrastive(
-    encode_a: Callable[[object], torch.Tensor],
-    encode_b: Callable[[object], torch.Tensor],
-    batches: Callable[[int], tuple[object, object]],
+    losses: Callable[[int], dict[str, torch.Tensor]],
     parameter_groups: list[dict],
     config: ContrastiveConfig,
-    logit_scale: LogitScale,
+    logit_scales: dict[str, LogitScale],
     modules: list[nn.Module] = (),
     evaluate: Callable[[], dict] | None = None,
     eval_every: int = 0,
     description: str = "contrastive",
 ) -> History:
-    """Train encoders so that `encode_a(x)` and `encode_b(y)` meet for the pairs `batches(step)`.
+    """Minimise the sum of the named contrastive losses `losses(step)` for `config.steps` steps.
 
-    `encode_a`/`encode_b` return unit vectors; `parameter_groups` are the optimizer's groups
-    (each may set its own ``lr``, scaled by the schedule); `modules` are switched to eval mode
-    around `evaluate`, which is called every `eval_every` steps and at the end.
+    Each name has its own `LogitScale` in `logit_scales` (trained too unless it was built with
+    ``learnable=False``). `parameter_groups` are the optimizer's groups (each may set its own
+    ``lr``, shaped by a one-cycle schedule); `modules` are put in train mode, and in eval mode
+    around `evaluate`, which runs every `eval_every` steps and at the end.
     """
     groups = [dict(group) for group in parameter_groups]
-    if config.learn_temperature:
-        groups.append({"params": [logit_scale.log_scale], "weight_decay": 0.0})
+    scales = [scale.log_scale for scale in logit_scales.values() if scale.log_scale.requires_grad]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0})
     for group in groups:
         group.setdefault("lr", config.lr)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -118,14 +122,14 @@ def train_contrastive(
     for module in modules:
         module.train()
     for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
-        a, b = batches(step)
-        loss = contrastive_loss(encode_a(a), encode_b(b), logit_scale())
+        parts = losses(step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sum(parts.values()).backward()
         optimizer.step()
         schedule.step()
-        history.loss.append(loss.item())
-        history.temperature.append(logit_scale.temperature)
+        for name, value in parts.items():
+            history.loss.setdefault(name, []).append(value.item())
+            history.temperature.setdefault(name, []).append(logit_scales[name].temperature)
         if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < config.steps:
             run_evaluation(step + 1)
     if evaluate is not None:
@@ -137,14 +141,17 @@ def train_contrastive(
 
 
 def plot_history(history: History, title: str = "", axes=None):
-    """Loss and temperature over the steps of a contrastive run."""
+    """Loss and temperature over the steps of a contrastive run, one line per named loss."""
     import matplotlib.pyplot as plt
 
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(8, 2.6))
-    axes[0].plot(history.loss, linewidth=0.8)
+    for name in history.loss:
+        axes[0].plot(history.loss[name], linewidth=0.8, label=name)
+        axes[1].plot(history.temperature[name], label=name)
     axes[0].set(xlabel="step", ylabel="InfoNCE loss", title=f"{title} loss".strip())
-    axes[1].plot(history.temperature, color="tab:orange")
     axes[1].set(xlabel="step", ylabel="temperature", title=f"{title} temperature".strip())
+    if len(history.loss) > 1:
+        axes[0].legend(fontsize=7, ncol=2)
     axes[0].figure.tight_layout()
     return axes[0].figure

@@ -56,21 +56,30 @@ def align_two_views(learn_temperature: bool):
     truth = torch.randn(4096, 8)
     view_a, view_b = truth @ torch.randn(8, 8), truth @ torch.randn(8, 8)  # two linear views of one thing
     encode_a, encode_b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
-    config = ContrastiveConfig(steps=150, batch_size=64, lr=1e-2, learn_temperature=learn_temperature)
+    third = torch.nn.Linear(8, 8)  # a second pair shares view b, with its own temperature
+    config = ContrastiveConfig(steps=150, batch_size=64, lr=1e-2)
+    scales = {"a-b": LogitScale(learnable=learn_temperature), "c-b": LogitScale(0.5, learnable=learn_temperature)}
+
+    def losses(step):
+        a, b = view_a[step * 16 % 4000 :][:64], view_b[step * 16 % 4000 :][:64]
+        target = F.normalize(encode_b(b), dim=1)
+        return {"a-b": contrastive_loss(F.normalize(encode_a(a), dim=1), target, scales["a-b"]()),
+                "c-b": contrastive_loss(F.normalize(third(a), dim=1), target, scales["c-b"]())}
+
     return train_contrastive(
-        encode_a=lambda x: F.normalize(encode_a(x), dim=1),
-        encode_b=lambda x: F.normalize(encode_b(x), dim=1),
-        batches=lambda step: (view_a[step * 16 % 4000 :][:64], view_b[step * 16 % 4000 :][:64]),
-        parameter_groups=[{"params": [*encode_a.parameters(), *encode_b.parameters()]}],
-        config=config, logit_scale=LogitScale(learnable=learn_temperature),
-        evaluate=lambda: {"ok": 1.0}, eval_every=50,
+        losses, parameter_groups=[{"params": [*encode_a.parameters(), *encode_b.parameters(), *third.parameters()]}],
+        config=config, logit_scales=scales, evaluate=lambda: {"ok": 1.0}, eval_every=50,
     )
 
 
 def test_training_loop_aligns_two_views():
     history = align_two_views(learn_temperature=True)
-    assert len(history.loss) == 150 and history.loss[-1] < 0.3 * history.loss[0]
-    assert history.temperature[-1] != pytest.approx(0.07, abs=1e-4)  # it moved
+    assert history.steps == 150 and set(history.loss) == {"a-b", "c-b"}
+    assert history.loss["a-b"][-1] < 0.1 * history.loss["a-b"][0]
+    assert history.loss["c-b"][-1] < 0.5 * history.loss["c-b"][0]  # a warm start sets a higher floor
+    assert history.temperature["a-b"][-1] != pytest.approx(0.07, abs=1e-4)  # it moved
+    assert history.temperature["c-b"][0] == pytest.approx(0.5, rel=1e-3)  # each pair has its own
+    assert history.temperature["c-b"][-1] < 0.4  # and learns it
     assert [e["step"] for e in history.evaluations] == [50, 100, 150]
     fixed = align_two_views(learn_temperature=False)
-    assert set(round(t, 6) for t in fixed.temperature) == {0.07}
+    assert {round(t, 6) for t in fixed.temperature["a-b"]} == {0.07}

@@ -10,3 +10,7 @@ __version__ = "0.1.0"
 # Where the course lives; Colab badges and the notebooks' setup cells point here.
 REPOSITORY = "multimodal-course/any-to-any"
 REPOSITORY_URL = f"https://github.com/{REPOSITORY}"
+
+# Modules that register zoo entries and config sections, in lesson order; imported on demand by
+# `mmlib.zoo` and `mmlib.config` so that `import mmlib` stays light.
+LESSON_MODULES = ("mmlib.tokenizer", "mmlib.clip", "mmlib.imagebind")

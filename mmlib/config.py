@@ -146,6 +146,12 @@ def scale_config(section: str, cls: type[T], scale_name: str | None = None) -> T
 
 def check_config_file(scale_name: str) -> None:
     """Validate every section of ``configs/<scale>.yaml``; unknown sections or keys raise."""
+    import importlib
+
+    import mmlib
+
+    for module in mmlib.LESSON_MODULES:  # each registers the sections it reads
+        importlib.import_module(module)
     for section, values in _read_scale_file(scale_name).items():
         if section not in SECTIONS:
             raise ValueError(f"{scale_name}.yaml: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")

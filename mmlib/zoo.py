@@ -37,9 +37,6 @@ from mmlib import config as course_config
 
 MANIFEST = "manifest.json"
 
-# Modules that register zoo entries; imported on the first lookup of a name not yet registered.
-# Each lesson's module adds itself here.
-PROVIDERS: tuple[str, ...] = ("mmlib.tokenizer", "mmlib.clip")
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,10 @@ def unregister(name: str) -> None:
 
 
 def _import_providers() -> None:
-    for module in PROVIDERS:
+    """Import the lesson modules, whose ``@entry`` decorators register their components."""
+    import mmlib
+
+    for module in mmlib.LESSON_MODULES:
         importlib.import_module(module)
 
 

@@ -36,6 +36,7 @@ class ConvEncoderConfig:
     """A small CNN tower for anything shaped like a picture: images, spectrograms, depth, heat."""
 
     in_channels: int = 3  # 3 for RGB, 1 for a log-mel spectrogram, a depth or a thermal map
+    frames: int = 1  # >1 for clips (B, T, C, H, W): frames are stacked as channels (early fusion)
     input_size: int = 32  # square input side; three 2x poolings leave 4x4
     width: int = 24  # channels after the first conv, doubled after each pooling
     hidden: int = 256  # width of the MLP head (0: a single linear layer)
@@ -48,7 +49,7 @@ class ConvEncoder(nn.Module):
     def __init__(self, config: ConvEncoderConfig) -> None:
         super().__init__()
         self.config = config
-        c, w = config.in_channels, config.width
+        c, w = config.in_channels * config.frames, config.width
 
         def block(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU(), nn.MaxPool2d(2)]
@@ -63,6 +64,38 @@ class ConvEncoder(nn.Module):
             self.head = nn.Sequential(nn.Linear(flat, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.embed_dim))
         else:
             self.head = nn.Linear(flat, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.frames > 1:
+            x = x.flatten(1, 2)  # (B, T, C, H, W) -> (B, T*C, H, W): motion becomes a channel pattern
+        return self.head(self.features(x))
+
+
+@dataclass
+class ImuEncoderConfig:
+    """A small 1-D CNN over IMU traces (channels x time)."""
+
+    channels: int = 6  # accelerometer x, y, z and gyroscope x, y, z
+    steps: int = 32  # samples per trace
+    width: int = 32  # channels after the first convolution
+    embed_dim: int = 64  # the shared embedding space
+
+
+class ImuEncoder(nn.Module):
+    """1-D CNN tower: (B, channels, steps) -> (B, embed_dim)."""
+
+    def __init__(self, config: ImuEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, w = config.channels, config.width
+        self.features = nn.Sequential(
+            nn.BatchNorm1d(c),  # gravity (~1 g) and rotation rates (~0.3 rad/s) live on different scales
+            nn.Conv1d(c, w, 5, padding=2), nn.BatchNorm1d(w), nn.GELU(),
+            nn.Conv1d(w, 2 * w, 5, stride=2, padding=2), nn.BatchNorm1d(2 * w), nn.GELU(),
+            nn.Conv1d(2 * w, 2 * w, 5, stride=2, padding=2), nn.BatchNorm1d(2 * w), nn.GELU(),
+            nn.Flatten(),  # (B, 2w * steps / 4): keeps *when* things happen
+        )
+        self.head = nn.Linear(2 * w * ((config.steps + 3) // 4), config.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -179,7 +212,7 @@ class EncoderSet(nn.Module):
         if not batch.is_floating_point():
             raise TypeError(f"{modality} batch must hold floats, got {batch.dtype}")
         device = next(tower.parameters()).device
-        if modality == "audio":
+        if isinstance(tower, AudioEncoder):
             world = tower.world
             frames = 1 + int(world.sample_rate * world.audio_seconds) // world.hop_length
             samples = int(round(world.sample_rate * world.audio_seconds))
@@ -188,8 +221,14 @@ class EncoderSet(nn.Module):
                 raise ValueError(f"audio batch must be waveforms (batch, {samples}) or log-mel spectrograms "
                                  f"(batch, {world.n_mels}, {frames}); got {tuple(batch.shape)}")
             return batch.to(device)
-        expected = tower.config.in_channels, tower.config.input_size, tower.config.input_size
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        if isinstance(tower, ImuEncoder):
+            expected = (tower.config.channels, tower.config.steps)
+        else:
+            side = tower.config.input_size
+            expected = (tower.config.in_channels, side, side)
+            if tower.config.frames > 1:
+                expected = (tower.config.frames, *expected)
+        if tuple(batch.shape[1:]) != expected:
             raise ValueError(f"{modality} batch must have shape (batch, {', '.join(map(str, expected))}); "
                              f"got {tuple(batch.shape)}")
         return batch.to(device)
@@ -223,11 +262,12 @@ class EncoderSet(nn.Module):
 class TowerSpec:
     """What `build_encoders` needs for one modality: which tower, and its config."""
 
-    kind: str  # "conv", "audio" or "text"
+    kind: str  # "conv", "audio", "imu" or "text"
     config: dict = field(default_factory=dict)
 
 
-TOWER_CONFIGS = {"conv": ConvEncoderConfig, "audio": ConvEncoderConfig, "text": TextEncoderConfig}
+TOWER_CONFIGS = {"conv": ConvEncoderConfig, "audio": ConvEncoderConfig, "imu": ImuEncoderConfig,
+                 "text": TextEncoderConfig}
 
 
 def build_encoders(specs: dict[str, dict], tokenizer: PreTrainedTokenizerFast | None = None) -> EncoderSet:
@@ -243,6 +283,8 @@ def build_encoders(specs: dict[str, dict], tokenizer: PreTrainedTokenizerFast | 
             towers[modality] = TextEncoder(config, tokenizer)
         elif spec.kind == "audio":
             towers[modality] = AudioEncoder(config)
+        elif spec.kind == "imu":
+            towers[modality] = ImuEncoder(config)
         else:
             towers[modality] = ConvEncoder(config)
     return EncoderSet(towers, {m: {"kind": s["kind"], "config": s.get("config", {})} for m, s in specs.items()})

@@ -22,6 +22,9 @@ JOBS ?= 2
 # times slower (12.7 min instead of 3.9, measured), as OpenMP threads fight for the cores.
 THREADS ?= 1
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
+PREBUILT_A ?= clip judge audio-decoder
+PREBUILT_B ?= image-vae image-decoder video-decoder
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -43,9 +46,16 @@ lab: venv
 	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
+# The diffusion decoders train once per run, up front, in two parallel processes (python -m
+# mmlib.zoo); the tests and notebooks then share them from the cache instead of each waiting on
+# another's lock. (image-decoder waits for clip, which the first process trains first.)
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
-	MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -n $(JOBS) --dist loadscope \
+	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny && \
+	{ MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) & \
+	  MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_B); b=$$?; wait $$!; a=$$?; \
+	  test $$a -eq 0 && test $$b -eq 0; } && \
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -n $(JOBS) --dist loadscope \
 		tests --doctest-modules mmlib \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \

@@ -109,8 +109,26 @@ def make_config(cls: type[T], overrides: dict[str, Any] | None = None, path: str
     for name, value in values.items():
         kind = hints.get(name)
         if isinstance(value, dict) and dataclasses.is_dataclass(kind):
-            values[name] = make_config(kind, value, path=f"{path}.{name}" if path else name)
+            # Start from the field's own default (e.g. ClapConfig's training has steps=200), not
+            # from the nested class's defaults: a YAML section overrides only the keys it names.
+            default = _field_default(fields[name])
+            base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            values[name] = make_config(kind, _merge(base, value), path=f"{path}.{name}" if path else name)
     return cls(**values)
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
 
 
 # Per-scale settings live in configs/<scale>.yaml, one section per component. Each module that

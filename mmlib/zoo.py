@@ -193,3 +193,21 @@ def clear(name: str | None = None) -> None:
     """Delete the cached copies of entry `name` (all scales and seeds), or of every entry."""
     root = cache_dir() if name is None else cache_dir() / get_entry(name).name
     shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mmlib.zoo [NAME ...]``: train the named entries (all if none) unless cached."""
+    import argparse
+
+    from mmlib import zoo  # under `python -m` this file is __main__; entries register in mmlib.zoo
+
+    parser = argparse.ArgumentParser(prog="python -m mmlib.zoo", description=main.__doc__)
+    parser.add_argument("names", nargs="*", help=f"entries to build (default: all of {', '.join(zoo.names())})")
+    for name in parser.parse_args(argv).names or zoo.names():
+        start = time.perf_counter()
+        zoo.ensure(name)
+        print(f"zoo: {name} ready ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,3 +76,16 @@ def test_make_config_builds_nested_dataclasses_and_names_the_bad_key_path():
     assert built.inner == Example(width=3)
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'inner.widht' for Example; valid keys: width, depth"):
         config.make_config(Outer, {"inner": {"widht": 3}})
+
+
+def test_nested_overrides_keep_the_fields_own_defaults():
+    """A section that names one key of a nested config keeps the rest of that field's default."""
+    from mmlib.decoders import VideoDecoderConfig
+
+    video = config.make_config(VideoDecoderConfig, {"unet": {"steps": 5}})
+    default = VideoDecoderConfig()
+    assert video.unet.steps == 5
+    assert (video.unet.batch_size, video.unet.lr, video.unet.training_scenes) == \
+        (default.unet.batch_size, default.unet.lr, default.unet.training_scenes) == (16, 3e-3, 4096)
+    with pytest.raises(ValueError, match="unet.stpes"):
+        config.make_config(VideoDecoderConfig, {"unet": {"stpes": 5}})

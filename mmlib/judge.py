@@ -79,6 +79,7 @@ def _augment(x: torch.Tensor, strength: float, generator: torch.Generator) -> to
 
 def train_classifier(modality: str, config: JudgeConfig, world: World, steps: int | None = None) -> AttributeClassifier:
     """Train one judge on freshly rendered scenes (a new batch every step)."""
+    check_choice("judged modality", modality, list(JUDGED))
     course_config.seed_everything()
     model = AttributeClassifier(modality, getattr(config, modality))
     steps = steps or config.steps[modality]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (AudioLDMPipeline, AutoencoderKL, DDPMScheduler, StableDiffusionPipeline,
+from diffusers import (AudioLDMPipeline, AutoencoderKL, StableDiffusionPipeline,
                        TextToVideoSDPipeline)
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
@@ -278,9 +278,20 @@ def training_latents(modality: str, vae: AutoencoderKL, world: World, scenes) ->
     return torch.cat(means), torch.cat(stds)
 
 
+def captioned_attributes(modality: str) -> tuple[str, ...]:
+    """What a decoder's prompts describe: sounds carry four attributes, pictures and clips all six."""
+    return REVEALS["audio"] if modality == "audio" else REVEALS["image"]
+
+
+def eval_prompts(modality: str, world: World, count: int = 300, split: str = "test"):
+    """Scenes of a split and full captions of what the modality can show: (prompts, scenes)."""
+    scenes = world.scenes(world.split(split, count))
+    return world.captions(scenes, mention="all", among=captioned_attributes(modality))[0], scenes
+
+
 def caption_sampler(modality: str, world: World, scenes, config: DiffusionConfig):
     """captions(rows, step): mostly full captions of what the modality carries, some partial ones."""
-    among = REVEALS["audio"] if modality == "audio" else REVEALS["image"]
+    among = captioned_attributes(modality)
     full = int(config.full_caption_fraction * config.batch_size)
 
     def captions(rows: torch.Tensor, step: int) -> list[str]:
@@ -308,9 +319,7 @@ def assemble(modality: str, vae, text_encoder, tokenizer, unet, scheduler, confi
 
 def snapshot_prompts(modality: str, world: World, count: int = 6) -> tuple[list[str], object]:
     """Fixed prompts (full captions of test scenes) sampled during training, and their scenes."""
-    scenes = world.scenes(world.split("test", count))
-    among = REVEALS["audio"] if modality == "audio" else REVEALS["image"]
-    return world.captions(scenes, mention="all", among=among)[0], scenes
+    return eval_prompts(modality, world, count)
 
 
 def train_decoder(modality: str, config: DecoderConfig | None = None, world: World | None = None,
@@ -401,13 +410,6 @@ _decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, tex
 
 
 # -- grading with the judge ---------------------------------------------------------------------
-
-def eval_prompts(modality: str, world: World, count: int = 300, split: str = "test"):
-    """Scenes of a split and full captions of what the modality can show: (prompts, scenes)."""
-    scenes = world.scenes(world.split(split, count))
-    among = REVEALS["audio"] if modality == "audio" else REVEALS["image"]
-    return world.captions(scenes, mention="all", among=among)[0], scenes
-
 
 def grade(decoder: Decoder, judge, prompts: list[str], scenes, **options) -> tuple[dict[str, float], torch.Tensor]:
     """Generate from prompts and let the judge read the outputs: ({attribute: accuracy}, outputs).

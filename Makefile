@@ -23,7 +23,7 @@ JOBS ?= 2
 THREADS ?= 1
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
-PREBUILT_A ?= clip judge audio-decoder
+PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1
 PREBUILT_B ?= image-vae image-decoder video-decoder
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)

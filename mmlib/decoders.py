@@ -21,7 +21,6 @@ Stable Diffusion v1.5, AudioLDM and Zeroscope v2 loaded with `from_pretrained`.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -217,7 +216,7 @@ class Decoder:
         modality = meta["modality"]
         config = course_config.make_config(CONFIGS[modality], meta["config"])
         extra = {} if modality == "video" else {"safety_checker": None, "requires_safety_checker": False}
-        with _quiet_loading():  # a zoo load is instant: no "Loading pipeline components" bars
+        with zoo.quiet_loading():  # a zoo load is instant: no "Loading pipeline components" bars
             pipeline = (TextToVideoSDPipeline if modality == "video" else StableDiffusionPipeline).from_pretrained(
                 folder, **extra)
         decoder = cls(modality, pipeline, config, course_config.make_config(WorldConfig, meta["world"]))
@@ -239,19 +238,6 @@ class Decoder:
         pipeline.scheduler = sampling_scheduler(pipeline.scheduler, config.sampler)
         config = course_config.make_config(type(config), {**asdict(config), "pretrained": str(name_or_path)})
         return cls(modality, pipeline, config)
-
-
-@contextmanager
-def _quiet_loading():
-    import transformers
-
-    diffusers_logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        diffusers_logging.enable_progress_bar()
-        transformers.utils.logging.enable_progress_bar()
 
 
 # -- training the tiny decoders ---------------------------------------------------------------

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -187,6 +188,26 @@ def ensure(name: str, progress: bool = True) -> Path:
 def load(name: str) -> Any:
     """The trained component `name`: loaded from the cache, trained first if it is not there."""
     return get_entry(name).load(ensure(name))
+
+
+@contextmanager
+def quiet_loading():
+    """Hide transformers' and diffusers' "Loading weights" bars: loading a zoo entry takes a blink."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:  # diffusers is only needed from lesson 3 on
+        diffusers_logging = None
+    if diffusers_logging:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        if diffusers_logging:
+            diffusers_logging.enable_progress_bar()
 
 
 def clear(name: str | None = None) -> None:

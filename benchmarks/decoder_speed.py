@@ -9,7 +9,6 @@ guidance), Griffin-Lim throughput and the process's peak memory.
 """
 
 import resource
-import time
 
 import torch
 
@@ -20,14 +19,7 @@ from mmlib.decoders import CONFIGS, assemble, griffin_lim
 from mmlib.diffusion import build_unet, denoising_loss, inflate, noise_scheduler, prompt_states
 from mmlib.encoders import TextEncoder, TextEncoderConfig
 from mmlib.tokenizer import train_tokenizer
-
-
-def seconds(fn, repeat: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+from timing import seconds  # benchmarks/timing.py, next to this script
 
 
 def main() -> None:

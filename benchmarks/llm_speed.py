@@ -10,7 +10,6 @@ projection counted on the `meta` device with their weights' size in bf16.
 """
 
 import resource
-import time
 
 import torch
 from transformers import LlamaForCausalLM
@@ -22,14 +21,7 @@ from mmlib.imagebind import ImageBindConfig, TOWER_KINDS
 from mmlib.input_projection import INPUTS, InputProjection, Stage1Config, build_multimodal_llm, caption_batch
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm, lm_batch, llama_config, text_corpus
 from mmlib.tokenizer import train_tokenizer
-
-
-def seconds(fn, repeat: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+from timing import seconds  # benchmarks/timing.py, next to this script
 
 
 def main() -> None:

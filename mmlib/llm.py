@@ -234,7 +234,8 @@ class TrainedLLM:
     history: History = field(default_factory=History)
 
     def save(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)  # safetensors
+        with zoo.quiet_loading():  # no "Writing model shards" bar for a 2 MB model
+            self.model.save_pretrained(folder)  # safetensors
         self.tokenizer.save_pretrained(folder)
         (Path(folder) / "history.json").write_text(json.dumps(asdict(self.history)))
 

@@ -91,6 +91,18 @@ def test_load_llm_from_a_local_pretrained_checkpoint_adds_the_placeholders(tmp_p
     assert llm.tokenizer.pad_token is not None
     with torch.no_grad():  # the old rows are the checkpoint's
         assert torch.equal(llm.model.get_input_embeddings().weight[:old], model.get_input_embeddings().weight[:old])
+    # and the loaded LLM links to an encoder like the tiny one: a placeholder becomes projected vectors
+    from mmlib.encoders import ConvEncoderConfig, build_encoders, tower_spec
+    from mmlib.input_projection import build_multimodal_llm, caption_prompt
+
+    encoders = build_encoders({"image": tower_spec("conv", ConvEncoderConfig(width=8, hidden=0, embed_dim=16))}).eval()
+    linked = build_multimodal_llm(encoders, llm)
+    world = World(seed=0)
+    pictures = torch.from_numpy(world.image(world.scenes(world.split("test", 2))))
+    assert len(linked.caption("image", pictures, max_new_tokens=3)) == 2
+    embedding = linked.encode("image", pictures)[0]
+    batch = linked.prepare([caption_prompt("image")], [[("image", embedding)]], ["a red circle"])
+    assert batch["inputs_embeds"].shape[-1] == TINY.hidden_size
 
 
 def test_vicuna_7b_builds_at_full_size_on_the_meta_device():

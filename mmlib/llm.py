@@ -208,13 +208,13 @@ def train_llm(tokenizer: PreTrainedTokenizerFast, config: LLMConfig | None = Non
 @torch.no_grad()
 def complete(model, tokenizer: PreTrainedTokenizerFast, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
     """Greedy completions of text prompts (the prompt itself is not repeated)."""
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation appends on the right
     try:
         batch = tokenizer(prompts, padding=True, return_tensors="pt")
         ids = batch["input_ids"][:, :-1]  # drop the </s> the tokenizer appends: the text goes on
         mask = batch["attention_mask"][:, :-1]
     finally:
-        tokenizer.padding_side = "right"
+        tokenizer.padding_side = side
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]

@@ -8,7 +8,7 @@
 # Variables: PYTHON (interpreter that builds the venv), TORCH (the torch requirement installed
 # first: torch==2.13.0 is the CPU build CI uses; e.g. TORCH="torch --index-url
 # https://download.pytorch.org/whl/cu126" for a GPU), LAB_IP, LAB_PORT, LAB_ARGS, and for make
-# test JOBS (pytest workers) and THREADS (threads per worker; keep JOBS x THREADS <= cores).
+# test AFTER_DECODERS, LATE_JOBS and LATE_THREADS (see `test`; keep LATE_JOBS x LATE_THREADS <= cores).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,11 +17,17 @@ TORCH ?= torch==2.13.0
 LAB_IP ?= 127.0.0.1
 LAB_PORT ?= 8888
 LAB_ARGS ?=
-JOBS ?= 2
-# Threads per pytest worker. Two workers of two threads each on two cores made make test three
-# times slower (12.7 min instead of 3.9, measured), as OpenMP threads fight for the cores.
-THREADS ?= 1
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# Notebooks that need process B's entries (the decoders) run after it; all else runs while it trains.
+AFTER_DECODERS ?= notebooks/03_diffusion_decoders.ipynb
+EARLY_NOTEBOOKS := $(filter-out $(AFTER_DECODERS),$(NOTEBOOKS))
+# Workers and threads per worker for those late notebooks: one notebook runs fastest alone on two
+# threads (3.5 min instead of 5.5); with several, use LATE_JOBS=2 LATE_THREADS=1. Never more
+# threads than cores: two workers of two threads each on two cores made make test three times
+# slower (12.7 min instead of 3.9, measured), as OpenMP threads fight for the cores.
+LATE_JOBS ?= 1
+LATE_THREADS ?= 2
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
 PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1
 PREBUILT_B ?= image-vae image-decoder video-decoder
@@ -46,19 +52,18 @@ lab: venv
 	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
-# The diffusion decoders train once per run, up front, in two parallel processes (python -m
-# mmlib.zoo); the tests and notebooks then share them from the cache instead of each waiting on
-# another's lock. (image-decoder waits for clip, which the first process trains first.)
+# Two processes of one thread each (python -m mmlib.zoo): A trains PREBUILT_A, then runs the tests,
+# the doctests and every notebook that does not need the decoders; meanwhile B trains the
+# decoders (image-decoder waits for clip, which A trains first). Then the notebooks in
+# AFTER_DECODERS run. Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
 	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny && \
-	{ MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) & \
+	{ { MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) && \
+	    OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --doctest-modules mmlib $(NBVAL) $(EARLY_NOTEBOOKS); } & \
 	  MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_B); b=$$?; wait $$!; a=$$?; \
 	  test $$a -eq 0 && test $$b -eq 0; } && \
-	OMP_NUM_THREADS=$(THREADS) $(BIN)/python -m pytest -n $(JOBS) --dist loadscope \
-		tests --doctest-modules mmlib \
-		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg $(NOTEBOOKS); \
+	OMP_NUM_THREADS=$(LATE_THREADS) $(BIN)/python -m pytest -n $(LATE_JOBS) --dist loadscope $(NBVAL) $(AFTER_DECODERS); \
 	status=$$?; rm -rf $$cache; exit $$status
 
 # MMLIB_PROGRESS=0: a progress bar saved in a notebook shows frozen at 0%; the lab still shows them live.

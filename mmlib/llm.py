@@ -42,7 +42,7 @@ from mmlib import zoo
 from mmlib.contrastive import History
 from mmlib.data import ATTRIBUTES, REVEALS, World
 from mmlib.data.captions import vocabulary
-from mmlib.tokenizer import MODALITY_TOKENS
+from mmlib.tokenizer import placeholder_tokens
 
 # How a prompt names each kind of input ("describe this sound"), and the prompt format.
 NOUNS = {"image": "picture", "audio": "sound", "video": "clip", "depth": "depth map", "thermal": "heat map",
@@ -263,9 +263,9 @@ def add_placeholders(model, tokenizer) -> None:
     Vicuna's tokenizer has no ``<image>``; the new rows of the embedding matrix are never read, as
     the input projection's vectors replace them, so their initial values do not matter.
     """
-    missing = [token for token in MODALITY_TOKENS.values() if token not in tokenizer.get_vocab()]
+    missing = [token for token in placeholder_tokens() if token.content not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        tokenizer.add_tokens(missing, special_tokens=True)  # lstrip, as in the course tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -41,6 +41,12 @@ VOCAB_SIZE = 1024  # bytes (256) + specials + merges: enough to make every liste
 MAX_LENGTH = 32  # captions are at most ~20 tokens with <s> and </s>
 
 
+def placeholder_tokens() -> list[AddedToken]:
+    """The placeholders as added tokens. lstrip: the space before one belongs to it ("a <image>" is
+    two tokens, not three), in the course tokenizer and in any pretrained one they are added to."""
+    return [AddedToken(token, lstrip=True, special=True) for token in MODALITY_TOKENS.values()]
+
+
 def extra_words() -> list[str]:
     """Words of later lessons' questions and dialogues (``data/captions/extra_words.txt``)."""
     lines = data_file("captions", "extra_words.txt").read_text().splitlines()
@@ -61,8 +67,7 @@ def training_corpus(world: World, captions_per_split: int = 4000) -> list[str]:
 def train_tokenizer(world: World | None = None, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Train the course's byte-level BPE on the world's text and wrap it for transformers."""
     world = world or World()
-    # lstrip: the space before a placeholder belongs to it ("a <image>" is two tokens, not three).
-    placeholders = [AddedToken(token, lstrip=True, special=True) for token in MODALITY_TOKENS.values()]
+    placeholders = placeholder_tokens()
     special = list(SPECIAL_TOKENS) + placeholders
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # "red" and " red" alike

@@ -87,6 +87,8 @@ def test_load_llm_from_a_local_pretrained_checkpoint_adds_the_placeholders(tmp_p
     llm = load_llm(LLMConfig(pretrained=str(tmp_path)))
     for token in MODALITY_TOKENS.values():
         assert len(llm.tokenizer.tokenize(token)) == 1
+        # as in the course tokenizer, the space before a placeholder is part of it
+        assert len(llm.tokenizer.tokenize(f"a {token} a")) == len(llm.tokenizer.tokenize("a a")) + 1
     assert llm.model.get_input_embeddings().num_embeddings >= len(llm.tokenizer)
     assert llm.tokenizer.pad_token is not None
     with torch.no_grad():  # the old rows are the checkpoint's

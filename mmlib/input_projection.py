@@ -153,14 +153,13 @@ class MultimodalLLM(nn.Module):
                 pieces += [table(tokens[start:slot]), projected[n]]  # text up to the placeholder, then k vectors
                 n, start = n + 1, slot + 1
             pieces.append(table(tokens[start:]))
+            answer_ids = []
             if answers is not None:
                 answer_ids = tok(" " + answers[i].strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 pieces.append(table(torch.tensor(answer_ids, device=device)))
             sequence = torch.cat(pieces)  # (T_i, H)
-            scored = len(answer_ids) if answers is not None else 0
-            labels = [-100] * (len(sequence) - scored) + (answer_ids if answers is not None else [])
             sequences.append(sequence)
-            label_rows.append(labels)
+            label_rows.append([-100] * (len(sequence) - len(answer_ids)) + answer_ids)
         return self._pad(sequences, label_rows if answers is not None else None, padding_side)
 
     def _pad(self, sequences, label_rows, side: str) -> dict[str, torch.Tensor]:

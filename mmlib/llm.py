@@ -42,6 +42,7 @@ from mmlib import zoo
 from mmlib.contrastive import History
 from mmlib.data import ATTRIBUTES, REVEALS, World
 from mmlib.data.captions import vocabulary
+from mmlib.data.world import uniform
 from mmlib.tokenizer import placeholder_tokens
 
 # How a prompt names each kind of input ("describe this sound"), and the prompt format.
@@ -142,8 +143,6 @@ def text_corpus(world: World, index: np.ndarray, variant: int = 0) -> list[str]:
     The question's caption mentions all six attributes or a random subset; the answer states
     those the named modality carries, and nothing the caption left out.
     """
-    from mmlib.data.world import uniform
-
     index = np.asarray(index)
     scenes = world.scenes(index)
     u = uniform(world.seed, index * 7919 + variant, "llm-text", 4)  # (B, 4)

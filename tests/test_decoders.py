@@ -10,40 +10,9 @@ from mmlib.autoencoder import AutoencoderConfig, build_autoencoder
 from mmlib.data import World
 from mmlib.decoders import (CONFIGS, Decoder, assemble, griffin_lim, load_decoder, mel_to_linear, snapshot_prompts,
                             train_decoder)
+from conftest import tiny_config  # tests/conftest.py: the tiny decoder configs the fixtures use
 from mmlib.diffusion import DiffusionConfig, build_unet, noise_scheduler
 from mmlib.encoders import TextEncoder, TextEncoderConfig
-
-TINY_UNET = {"block_out_channels": [8, 16], "attention_head_dim": 4, "norm_num_groups": 4, "steps": 6,
-             "batch_size": 4, "training_scenes": 16}
-
-
-def tiny_config(modality, **extra):
-    return course_config.make_config(CONFIGS[modality], {"unet": TINY_UNET, "inference_steps": 2,
-                                                         "snapshots": [3], **extra})
-
-
-@pytest.fixture(scope="module")
-def text(tokenizer):
-    torch.manual_seed(0)
-    return TextEncoder(TextEncoderConfig(hidden_size=16, layers=1, heads=2, intermediate_size=32), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def vaes():
-    torch.manual_seed(0)
-    small = dict(block_out_channels=(8, 8, 8), norm_num_groups=4)
-    return {"image": build_autoencoder(AutoencoderConfig(**small)),
-            "audio": build_autoencoder(AutoencoderConfig(channels=1, **small))}
-
-
-@pytest.fixture(scope="module")
-def decoders(text, vaes):
-    world = World(seed=0)
-    trained = {modality: train_decoder(modality, tiny_config(modality), world, vae=vaes[modality], text=text)
-               for modality in ("image", "audio")}
-    trained["video"] = train_decoder("video", tiny_config("video"), world, image_decoder=trained["image"])
-    return trained
-
 
 def test_decoders_return_the_worlds_formats(decoders):
     prompts = ["a large red circle in the top left", "a small blue square moving leftward"]

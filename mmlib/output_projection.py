@@ -1,0 +1,460 @@
+"""The decoder-side link: signal tokens and output projectors. L(LLM-Decoder).
+
+Introduced in `05_signal_tokens_and_output_projection.ipynb`. The LLM asks for an image by
+writing signal tokens, ``[IMG0][IMG1][IMG2][IMG3]``, new rows of its vocabulary. An output
+projector reads the LLM's last hidden states at those positions and turns them into the
+conditioning the decoder's UNet cross-attends to, in place of the decoder's own text encoder:
+
+    "question: draw a small red circle in the top left. answer:" -> LLM -> [IMG0]..[IMG3]
+    hidden states at [IMG0..3] (4, 128) -> output projector -> (32, 64) -> tiny SD's UNet -> picture
+
+NExT-GPT's stage 2 trains this link with three terms (the course notes' L(LLM-Decoder)):
+
+- `signal_nll`: the LLM's cross-entropy of producing the signal tokens when asked;
+- `caption_alignment_loss`: the distance between the projector's output and the decoder's own
+  text-encoder states of the caption (NExT-GPT's per-token Euclidean distance). The caption is
+  the scene's canonical one (lesson 4's answer style), not the request's own wording: token
+  states depend on word order and synonyms, which no projector can guess from 4 signal tokens,
+  and which the decoder does not need;
+- `generation_loss`: the conditional latent denoising loss of lesson 3 through the frozen UNet,
+  with the projector's output as the condition.
+
+Only the projectors and the signal tokens' rows (in the input embedding and in the LM head)
+train. NExT-GPT's resize made the whole embedding and LM head trainable (its issues #40 and
+#71); here `peft`'s TrainableTokens trains the new rows alone, and a test checks that every old
+row is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken
+from tqdm.auto import trange
+
+from mmlib import config as course_config
+from mmlib import zoo
+from mmlib.contrastive import History
+from mmlib.data import World
+from mmlib.data.world import check_choice
+from mmlib.decoders import OUTPUTS, Decoder, captioned_attributes, load_decoder, training_latents
+from mmlib.diffusion import denoising_loss, noise_scheduler
+from mmlib.input_projection import MultimodalLLM
+from mmlib.llm import PROMPT, canonical_caption
+
+# Signal tokens per output. NExT-GPT uses 4 (image), 8 (audio) and 24 (video) for decoders that
+# read 77 x 768-1024 states. The tiny decoders read 32 x 64 states of captions with at most six
+# attributes, and lesson 4 found 4 soft tokens enough to carry six attributes into the LLM: 4 each.
+SIGNAL_TOKENS = {"image": 4, "audio": 4, "video": 4}
+PREFIX = {"image": "IMG", "audio": "AUD", "video": "VID"}
+# How a user asks for each output (the words are in the course tokenizer's vocabulary).
+REQUESTS = {
+    "image": ("draw it.", "show me a picture of it."),
+    "audio": ("play the sound of it.", "make a sound of it."),
+    "video": ("make a clip of it.", "show me a clip of it."),
+}
+TERMS = ("nll", "alignment", "generation")  # the three parts of L(LLM-Decoder)
+
+
+def signal_names(modality: str, count: int) -> list[str]:
+    """The signal tokens of an output, e.g. ``["[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]"]``."""
+    check_choice("output modality", modality, list(OUTPUTS))
+    return [f"[{PREFIX[modality]}{i}]" for i in range(count)]
+
+
+def add_signal_tokens(model, tokenizer, counts: dict[str, int]) -> dict[str, list[int]]:
+    """Append signal tokens to the tokenizer and rows for them to the LLM; return their ids.
+
+    The new rows of the input embedding and of the LM head start at the mean of the old rows
+    (a neutral token, neither favoured nor ruled out by the LM head).
+    """
+    names = {m: signal_names(m, n) for m, n in counts.items()}
+    new = [name for group in names.values() for name in group if name not in tokenizer.get_vocab()]
+    if new:
+        # lstrip: " [IMG0]" is one token, so an answer's signal tokens tokenize the same anywhere
+        tokenizer.add_tokens([AddedToken(name, lstrip=True, special=True) for name in new], special_tokens=True)
+        old = model.get_input_embeddings().num_embeddings
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+                matrix[old:] = matrix[:old].mean(dim=0)
+    return {m: tokenizer.convert_tokens_to_ids(group) for m, group in names.items()}
+
+
+def train_only_rows(model, token_ids: list[int]):
+    """Wrap the LLM with peft's TrainableTokens: only these rows of embedding and LM head can learn."""
+    from peft import TrainableTokensConfig, get_peft_model
+
+    config = TrainableTokensConfig(token_indices=sorted(token_ids), target_modules=["embed_tokens", "lm_head"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API renamed in v5
+        return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output projector
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputProjectorConfig:
+    """The output projector (NExT-GPT: a transformer with learned queries; "mlp": the baseline)."""
+
+    kind: str = "transformer"  # "transformer" (learned queries over the signal states) or "mlp"
+    width: int = 64  # model width inside the projector (NExT-GPT: 512)
+    heads: int = 4
+    encoder_layers: int = 1  # self-attention over the signal states (NExT-GPT: 4)
+    decoder_layers: int = 2  # queries attend to them (NExT-GPT: 4)
+    feedforward: int = 256  # (NExT-GPT: 2048)
+
+
+PROJECTOR_KINDS = ("transformer", "mlp")
+
+
+class OutputProjector(nn.Module):
+    """(B, signal tokens, llm_dim) -> (B, out_tokens, out_dim): what the decoder's UNet attends to."""
+
+    def __init__(self, llm_dim: int, signal_tokens: int, out_tokens: int, out_dim: int,
+                 config: OutputProjectorConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or OutputProjectorConfig()
+        check_choice("output projector kind", config.kind, PROJECTOR_KINDS)
+        self.llm_dim, self.signal_tokens, self.out_tokens, self.out_dim = llm_dim, signal_tokens, out_tokens, out_dim
+        if config.kind == "transformer":
+            self.inp = nn.Linear(llm_dim, config.width)
+            self.transformer = nn.Transformer(
+                d_model=config.width, nhead=config.heads, num_encoder_layers=config.encoder_layers,
+                num_decoder_layers=config.decoder_layers, dim_feedforward=config.feedforward, dropout=0.0,
+                batch_first=True)
+            self.queries = nn.Parameter(torch.randn(out_tokens, config.width) * 0.02)  # one per output token
+            self.out = nn.Linear(config.width, out_dim)
+        else:
+            self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(signal_tokens * llm_dim, config.feedforward), nn.GELU(),
+                                     nn.Linear(config.feedforward, out_tokens * out_dim))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        if states.ndim != 3 or tuple(states.shape[1:]) != (self.signal_tokens, self.llm_dim):
+            raise ValueError(f"the output projector reads the LLM's states at the signal tokens, "
+                             f"(batch, {self.signal_tokens}, {self.llm_dim}); got {tuple(states.shape)}")
+        if self.config.kind == "mlp":
+            return self.mlp(states).view(len(states), self.out_tokens, self.out_dim)  # (B, T*D) -> (B, T, D)
+        memory = self.inp(states)  # (B, n, width)
+        queries = self.queries.expand(len(states), -1, -1)  # (B, out_tokens, width)
+        return self.out(self.transformer(memory, queries))  # (B, out_tokens, out_dim)
+
+
+def projector_for(decoder_shape: tuple[int, int], llm_dim: int, signal_tokens: int,
+                  config: OutputProjectorConfig | None = None) -> OutputProjector:
+    """An output projector sized from a decoder's conditioning shape (tokens, dim) and the LLM."""
+    tokens, dim = decoder_shape
+    return OutputProjector(llm_dim, signal_tokens, tokens, dim, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three terms of L(LLM-Decoder)
+# ---------------------------------------------------------------------------------------------
+
+
+def signal_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the scored tokens (the signal tokens and ``</s>``): position t predicts t + 1."""
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100)
+
+
+def caption_alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-token Euclidean distance between projector output and the decoder's text states.
+
+    NExT-GPT's choice (its ``l2_loss``): ``||u_t - v_t||_2`` averaged over tokens and batch. Unlike
+    MSE, every token's gradient has unit length however close it already is, so the many nearly
+    matched padding states do not drown the few tokens that carry the attributes.
+    """
+    if projected.shape != target.shape:
+        raise ValueError(f"projector output {tuple(projected.shape)} and text states {tuple(target.shape)} differ")
+    return (projected - target).norm(dim=-1).mean()
+
+
+def generation_loss(decoder: Decoder, scheduler, conditioning: torch.Tensor, latents: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lesson 3's conditional latent denoising loss through the decoder's frozen UNet."""
+    return denoising_loss(decoder.pipeline.unet, scheduler, latents, conditioning, generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: stage 1's LLM, signal tokens, projectors and decoders
+# ---------------------------------------------------------------------------------------------
+
+
+def request(modality: str, caption: str, variant: int = 0) -> str:
+    """An instruction asking for `modality`, e.g. ``"question: a red circle draw it. answer:"``.
+
+    The same format as the LLM's text pretraining (a caption, then a request), so the frozen LLM
+    answers it as it learned to: by restating the scene in its own style.
+    """
+    templates = REQUESTS[modality]
+    return PROMPT.format(context=caption, request=templates[variant % len(templates)])
+
+
+class SignalLLM(nn.Module):
+    """Stage 1's model plus signal tokens, one output projector per output, and the decoders."""
+
+    def __init__(self, base: MultimodalLLM, signals: dict[str, list[int]], projectors: dict[str, OutputProjector],
+                 decoders: dict[str, Decoder]) -> None:
+        super().__init__()
+        self.base, self.signals, self.projectors = base, signals, nn.ModuleDict(projectors)
+        self.decoders = decoders  # frozen; not submodules, so their weights stay out of this model's state
+        for decoder in decoders.values():
+            for part in ("unet", "text_encoder", "vae"):
+                getattr(decoder.pipeline, part).requires_grad_(False)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The modalities this model can generate: those with signal tokens, a projector and a decoder."""
+        return [m for m in self.projectors if m in self.decoders]
+
+    def check_output(self, modality: str) -> None:
+        if modality not in self.outputs:
+            raise ValueError(f"this model has no decoder for {modality!r} outputs; it can generate: "
+                             f"{', '.join(self.outputs) or 'text only'}")
+
+    def answer(self, modality: str, description: str = "") -> str:
+        """The answer that asks the decoder of `modality`: a description, then its signal tokens in order."""
+        signals = "".join(self.base.tokenizer.convert_ids_to_tokens(self.signals[modality]))
+        return f"{description} {signals}".strip()
+
+    def signal_states(self, hidden: torch.Tensor, labels: torch.Tensor, modality: str) -> torch.Tensor:
+        """(B, n, H) last-layer states at the positions whose input is a signal token of `modality`."""
+        ids = torch.tensor(self.signals[modality], device=labels.device)
+        # labels hold each position's own token id on the answer (see MultimodalLLM.prepare)
+        where = torch.isin(labels, ids)  # (B, T)
+        counts = where.sum(1)
+        if not bool((counts == len(ids)).all()):
+            raise ValueError(f"every sequence must hold the {len(ids)} signal tokens of {modality}; found {counts.tolist()}")
+        return hidden[where].view(len(hidden), len(ids), -1)  # (B*n, H) -> (B, n, H)
+
+    def losses(self, modality: str, captions: list[str], targets: list[str], latents: torch.Tensor | None,
+               scheduler=None, terms=TERMS, variant: int = 0,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The three terms of L(LLM-Decoder) for instructions asking for `modality` of `captions`.
+
+        `targets` are the captions whose text-encoder states the projector is aligned to (the
+        scenes' canonical captions), `latents` the scenes' VAE latents for the generation term
+        (the first ``len(latents)`` instructions).
+        """
+        self.check_output(modality)
+        prompts = [request(modality, caption, variant + i) for i, caption in enumerate(captions)]
+        answers = [self.answer(modality, target) for target in targets]
+        batch = self.base.prepare(prompts, [[] for _ in prompts], answers)
+        out = self.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], output_hidden_states=True)
+        parts = {}
+        if "nll" in terms:
+            parts["nll"] = signal_nll(out.logits, batch["labels"])
+        if "alignment" in terms or "generation" in terms:
+            projected = self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
+            decoder = self.decoders[modality]
+            if "alignment" in terms:
+                parts["alignment"] = caption_alignment_loss(projected, decoder.prompt_embeds(targets))
+            if "generation" in terms and latents is not None:
+                parts["generation"] = generation_loss(decoder, scheduler, projected[: len(latents)], latents, generator)
+        return parts
+
+    @torch.no_grad()
+    def project(self, modality: str, prompts: list[str], descriptions: list[str], inputs=None) -> torch.Tensor:
+        """Decoder conditioning for prompts answered with a description and `modality`'s signal tokens.
+
+        The answers are teacher-forced: the states at the signal tokens go through the projector.
+        """
+        self.check_output(modality)
+        inputs = inputs or [[] for _ in prompts]
+        answers = [self.answer(modality, text) for text in descriptions]
+        batch = self.base.prepare(prompts, inputs, answers)
+        out = self.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], output_hidden_states=True)
+        return self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
+
+    @torch.no_grad()
+    def respond(self, prompts: list[str], inputs=None, max_new_tokens: int = 24, **decoder_options) -> list[dict]:
+        """Answer each prompt: ``{"text": ..., "image"/"audio"/"video": output}`` for the outputs it asked for.
+
+        The LLM writes freely; where it writes the first signal token of an output, the answer is
+        cut there, all that output's signal tokens are put in (as NExT-GPT does) and the projector
+        turns their states into the decoder's condition. An answer without signal tokens is text only.
+        """
+        inputs = inputs or [[] for _ in prompts]
+        tok = self.base.tokenizer
+        batch = self.base.prepare(prompts, inputs, padding_side="left")
+        ids = self.base.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+        first = {self.signals[m][0]: m for m in self.signals}
+        answers, wanted = [], {}
+        for i, row in enumerate(ids.tolist()):
+            asked = next((first[t] for t in row if t in first), None)
+            cut = row.index(self.signals[asked][0]) if asked else len(row)
+            answers.append({"text": tok.decode(row[:cut], skip_special_tokens=True).strip()})
+            if asked:
+                wanted.setdefault(asked, []).append(i)
+        for modality, rows in wanted.items():
+            if modality not in self.decoders:
+                raise ValueError(f"the LLM asked for {modality!r}, which has no decoder here; "
+                                 f"load one with load_decoder({modality!r})")
+            conditioning = self.project(modality, [prompts[i] for i in rows], [answers[i]["text"] for i in rows],
+                                        [inputs[i] for i in rows])
+            generated = self.decoders[modality](prompt_embeds=conditioning, **decoder_options)
+            for row, output in zip(rows, generated):
+                answers[row][modality] = output
+        return answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage2Config:
+    """NExT-GPT's stage 2 at one scale (``configs/<scale>.yaml``, section ``stage2``)."""
+
+    projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
+    outputs: tuple = OUTPUTS  # the decoders to link; each step trains all of them
+    signal_tokens: dict = field(default_factory=lambda: dict(SIGNAL_TOKENS))  # per output (NExT-GPT: 4, 8, 24)
+    conditioning: dict = field(default_factory=dict)  # full scale: each decoder's (tokens, dim), checked on load
+    terms: tuple = TERMS  # which parts of L(LLM-Decoder) to train with
+    steps: int = 400
+    batch_size: int = 32  # instructions per output per step (NLL and alignment)
+    generation_batch: dict = field(default_factory=lambda: {"image": 16, "audio": 16, "video": 4})  # UNet passes per step
+    weights: dict = field(default_factory=lambda: {"nll": 1.0, "alignment": 1.0, "generation": 1.0})
+    lr: float = 2e-3  # peak learning rate (one-cycle) of the projectors
+    row_lr: float = 2e-3  # peak learning rate of the signal tokens' rows
+    training_scenes: int = 2048  # scenes whose latents are encoded once for the generation term
+
+
+course_config.register_section("stage2", Stage2Config)
+
+
+def check_conditioning(config: Stage2Config, modality: str, shape: tuple[int, int]) -> None:
+    """Raise if the config's recorded conditioning shape for `modality` is not the decoder's."""
+    recorded = config.conditioning.get(modality)
+    if recorded is not None and tuple(recorded) != tuple(shape):
+        raise ValueError(f"stage2.conditioning.{modality} is {tuple(recorded)}, but the {modality} decoder "
+                         f"attends to {tuple(shape)} (tokens, dim): an output projector of that size would not fit it")
+
+
+def build_signal_llm(base: MultimodalLLM, decoders: dict[str, Decoder], config: Stage2Config | None = None) -> SignalLLM:
+    """Give stage 1's model signal tokens (only their rows trainable) and one projector per decoder."""
+    config = config or course_config.scale_config("stage2", Stage2Config)
+    course_config.seed_everything()
+    for modality in config.outputs:
+        check_conditioning(config, modality, decoders[modality].conditioning_shape)
+    signals = add_signal_tokens(base.llm, base.tokenizer, {m: config.signal_tokens[m] for m in config.outputs})
+    base.llm = train_only_rows(base.llm, [i for ids in signals.values() for i in ids])
+    base.projection.requires_grad_(False)
+    base.encoders.requires_grad_(False)
+    hidden = base.llm.get_base_model().config.hidden_size
+    projectors = {m: projector_for(decoders[m].conditioning_shape, hidden, len(signals[m]), config.projector)
+                  for m in config.outputs}
+    return SignalLLM(base, signals, projectors, decoders)
+
+
+def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: World | None = None) -> History:
+    """Train the output projectors and the signal tokens' rows on the terms in `config.terms`."""
+    config = config or course_config.scale_config("stage2", Stage2Config)
+    world = world or World()
+    for term in config.terms:
+        check_choice("L(LLM-Decoder) term", term, list(TERMS))
+    rows = [p for p in model.base.llm.parameters() if p.requires_grad]
+    groups = [{"params": list(model.projectors.parameters()), "lr": config.lr}, {"params": rows, "lr": config.row_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[config.lr, config.row_lr],
+                                                   total_steps=config.steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(course_config.seed())
+    scenes = world.scenes(world.split("train", config.training_scenes))
+    latents, schedulers = {}, {}
+    if "generation" in config.terms:
+        for modality in config.outputs:
+            decoder = model.decoders[modality]
+            latents[modality] = training_latents(modality, decoder.pipeline.vae, world, scenes)
+            schedulers[modality] = noise_scheduler(decoder.config.unet.prediction_type)
+    history = History()
+    model.eval()  # frozen parts keep their inference behaviour; the projectors have no dropout
+    for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
+        total = 0.0
+        for modality in config.outputs:
+            rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
+            batch = scenes[rows.numpy()]
+            among = captioned_attributes(modality)
+            captions = world.captions(batch, variant=step, mention="all", among=among)[0]
+            targets = [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
+            z = None
+            if "generation" in config.terms:
+                k = config.generation_batch[modality]
+                mean, std = latents[modality]
+                z = mean[rows[:k]] + std[rows[:k]] * torch.randn(mean[rows[:k]].shape, generator=generator)
+            parts = model.losses(modality, captions, targets, z, schedulers.get(modality), config.terms, step, generator)
+            for term, value in parts.items():
+                total = total + config.weights[term] * value
+                history.loss.setdefault(f"{modality} {term}", []).append(value.item())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        schedule.step()
+    merge_signal_rows(model)
+    return history
+
+
+def merge_signal_rows(model: SignalLLM) -> None:
+    """Fold peft's trained rows into the LLM's own embedding and LM head (a plain LlamaForCausalLM again)."""
+    if hasattr(model.base.llm, "merge_and_unload"):
+        model.base.llm = model.base.llm.merge_and_unload()
+
+
+def save_stage2(model: SignalLLM, history: History, config: Stage2Config, folder: Path) -> None:
+    """Write the projectors and the signal tokens' trained rows (safetensors), the config and the curves."""
+    llm = model.base.llm
+    ids = torch.tensor([i for m in config.outputs for i in model.signals[m]])
+    state = {f"projectors.{k}": v.contiguous() for k, v in model.projectors.state_dict().items()}
+    state["signal_rows.input"] = llm.get_input_embeddings().weight[ids].detach().contiguous()
+    state["signal_rows.output"] = llm.get_output_embeddings().weight[ids].detach().contiguous()
+    save_file(state, Path(folder) / "stage2.safetensors")
+    record = {"config": asdict(config), "signals": model.signals, "history": asdict(history)}
+    (Path(folder) / "stage2.json").write_text(json.dumps(record))
+
+
+def load_stage2(folder: Path, base: MultimodalLLM | None = None,
+                decoders: dict[str, Decoder] | None = None) -> tuple[SignalLLM, History]:
+    """The stage-2 model from `folder`, over the zoo's stage-1 model and decoders (or those given)."""
+    record = json.loads((Path(folder) / "stage2.json").read_text())
+    config = course_config.make_config(Stage2Config, record["config"])
+    base = base or zoo.load("stage1")[0]
+    decoders = decoders or {m: load_decoder(m) for m in config.outputs}
+    signals = add_signal_tokens(base.llm, base.tokenizer, {m: len(record["signals"][m]) for m in config.outputs})
+    if signals != record["signals"]:
+        raise ValueError(f"the signal tokens got ids {signals}, but {folder} was trained with {record['signals']}")
+    state = load_file(Path(folder) / "stage2.safetensors")
+    ids = torch.tensor([i for m in config.outputs for i in signals[m]])
+    with torch.no_grad():
+        base.llm.get_input_embeddings().weight[ids] = state.pop("signal_rows.input")
+        base.llm.get_output_embeddings().weight[ids] = state.pop("signal_rows.output")
+    hidden = base.llm.config.hidden_size
+    projectors = {m: projector_for(decoders[m].conditioning_shape, hidden, len(signals[m]), config.projector)
+                  for m in config.outputs}
+    model = SignalLLM(base, signals, projectors, decoders)
+    model.projectors.load_state_dict({k.removeprefix("projectors."): v for k, v in state.items()})
+    model.requires_grad_(False)
+    return model.eval(), History(**record["history"])
+
+
+@zoo.entry("stage2", load=load_stage2, description="stage 1 + signal tokens + output projectors to the three decoders",
+           lesson="05_signal_tokens_and_output_projection.ipynb")
+def _train_zoo_stage2(folder: Path) -> None:
+    config = course_config.scale_config("stage2", Stage2Config)
+    model = build_signal_llm(zoo.load("stage1")[0], {m: load_decoder(m) for m in config.outputs}, config)
+    history = train_stage2(model, config)
+    save_stage2(model, history, config, folder)

@@ -63,7 +63,7 @@ SIGNAL_INIT = ("a", "circle", "the", "moving")
 PREFIX = {"image": "IMG", "audio": "AUD", "video": "VID"}
 # How a user asks for each output (the words are in the course tokenizer's vocabulary).
 REQUESTS = {
-    "image": ("draw it.", "show me a picture of it."),
+    "image": ("draw it.", "paint it."),
     "audio": ("play the sound of it.", "make a sound of it."),
     "video": ("make a clip of it.", "show me a clip of it."),
 }

@@ -47,7 +47,7 @@ from mmlib.data import World
 from mmlib.data.world import check_choice
 from mmlib.decoders import OUTPUTS, Decoder, captioned_attributes, load_decoder, training_latents
 from mmlib.diffusion import denoising_loss, noise_scheduler
-from mmlib.input_projection import MultimodalLLM
+from mmlib.input_projection import MultimodalLLM, plot_sequence
 from mmlib.llm import PROMPT, canonical_caption
 
 # Signal tokens per output. NExT-GPT uses 4 (image), 8 (audio) and 24 (video) for decoders that
@@ -148,10 +148,12 @@ class OutputProjector(nn.Module):
         self.llm_dim, self.signal_tokens, self.out_tokens, self.out_dim = llm_dim, signal_tokens, out_tokens, out_dim
         if config.kind == "transformer":
             self.inp = nn.Linear(llm_dim, config.width)
-            self.transformer = nn.Transformer(
-                d_model=config.width, nhead=config.heads, num_encoder_layers=config.encoder_layers,
-                num_decoder_layers=config.decoder_layers, dim_feedforward=config.feedforward, dropout=0.0,
-                batch_first=True, norm_first=True)
+            with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first": harmless
+                warnings.simplefilter("ignore", UserWarning)
+                self.transformer = nn.Transformer(
+                    d_model=config.width, nhead=config.heads, num_encoder_layers=config.encoder_layers,
+                    num_decoder_layers=config.decoder_layers, dim_feedforward=config.feedforward, dropout=0.0,
+                    batch_first=True, norm_first=True)
             self.queries = nn.Parameter(torch.randn(out_tokens, config.width))  # one per output token, all distinct
             self.out = nn.Linear(config.width, out_dim)
         else:
@@ -279,7 +281,8 @@ class SignalLLM(nn.Module):
             projected = self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
             decoder = self.decoders[modality]
             if "alignment" in terms:
-                parts["alignment"] = caption_alignment_loss(projected, decoder.prompt_embeds(targets))
+                text_states = decoder.prompt_embeds(targets)  # (B, tokens, dim); AudioLDM: one (B, dim) vector
+                parts["alignment"] = caption_alignment_loss(projected, text_states.view(projected.shape))
             if "generation" in terms and latents is not None:
                 parts["generation"] = generation_loss(decoder, scheduler, projected[: len(latents)], latents, generator)
         return parts
@@ -327,10 +330,30 @@ class SignalLLM(nn.Module):
                                  f"load one with load_decoder({modality!r})")
             conditioning = self.project(modality, [prompts[i] for i in rows], [answers[i]["text"] for i in rows],
                                         [inputs[i] for i in rows])
-            generated = self.decoders[modality](prompt_embeds=conditioning, **decoder_options)
+            decoder = self.decoders[modality]
+            if decoder.conditioning_shape[0] == 1:  # AudioLDM takes one pooled vector: (B, 1, dim) -> (B, dim)
+                conditioning = conditioning[:, 0]
+            generated = decoder(prompt_embeds=conditioning, **decoder_options)
             for row, output in zip(rows, generated):
                 answers[row][modality] = output
         return answers
+
+
+def plot_signal_sequence(model: SignalLLM, prompt: str, modality: str, ax=None):
+    """Lesson 4's sequence figure for a request answered with signal tokens, marking where the projector reads."""
+    answer = model.answer(modality)
+    fig = plot_sequence(model.base, prompt, [], answer, ax)
+    ax = fig.axes[0]
+    tok = model.base.tokenizer
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    ids += tok(" " + answer, add_special_tokens=False)["input_ids"]
+    reads = [x for x, t in enumerate(ids) if t in model.signals[modality]]
+    for x in reads:  # the last-layer state at each signal token goes up into the projector
+        ax.annotate("", xy=(x + 0.46, 1.35), xytext=(x + 0.46, 1.02), arrowprops={"arrowstyle": "->", "color": "#c03d3e"})
+    ax.text(float(np.mean(reads)) + 0.46, 1.45, f"hidden states -> output projector -> {modality} decoder",
+            ha="center", va="center", fontsize=8, color="#c03d3e")
+    ax.set_ylim(0, 1.55)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 # Variables: PYTHON (interpreter that builds the venv), TORCH (the torch requirement installed
 # first: torch==2.13.0 is the CPU build CI uses; e.g. TORCH="torch --index-url
 # https://download.pytorch.org/whl/cu126" for a GPU), LAB_IP, LAB_PORT, LAB_ARGS, and for make
-# test AFTER_DECODERS, LATE_JOBS and LATE_THREADS (see `test`; keep LATE_JOBS x LATE_THREADS <= cores).
+# test LATE_A and LATE_B (see `test`).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,19 +18,18 @@ LAB_IP ?= 127.0.0.1
 LAB_PORT ?= 8888
 LAB_ARGS ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# Notebooks that need process B's entries (the decoders) run after it; all else runs while it trains.
-AFTER_DECODERS ?= notebooks/03_diffusion_decoders.ipynb
-EARLY_NOTEBOOKS := $(filter-out $(AFTER_DECODERS),$(NOTEBOOKS))
-# Workers and threads per worker for those late notebooks: one notebook runs fastest alone on two
-# threads (3.5 min instead of 5.5); with several, use LATE_JOBS=2 LATE_THREADS=1. Never more
-# threads than cores: two workers of two threads each on two cores made make test three times
+# Notebooks that need process B's entries run late: LATE_A in process A once its tests are done
+# (its first cells wait for the decoders B is still training), LATE_B in process B after its
+# entries. Everything else runs in A while B trains. Each process has one thread: never more
+# threads than cores; two workers of two threads each on two cores made make test three times
 # slower (12.7 min instead of 3.9, measured), as OpenMP threads fight for the cores.
-LATE_JOBS ?= 1
-LATE_THREADS ?= 2
+LATE_A ?= notebooks/03_diffusion_decoders.ipynb
+LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb
+EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
 PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1
-PREBUILT_B ?= image-vae image-decoder video-decoder
+PREBUILT_B ?= image-vae image-decoder video-decoder stage2
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -52,18 +51,19 @@ lab: venv
 	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
-# Two processes of one thread each (python -m mmlib.zoo): A trains PREBUILT_A, then runs the tests,
-# the doctests and every notebook that does not need the decoders; meanwhile B trains the
-# decoders (image-decoder waits for clip, which A trains first). Then the notebooks in
-# AFTER_DECODERS run. Tests and notebooks share the cache instead of each waiting on another's lock.
+# Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
+# tests, the doctests and the early notebooks, then LATE_A. Meanwhile B trains PREBUILT_B (the
+# decoders and stage 2; image-decoder waits for A's clip, stage2 for A's stage1), then runs
+# LATE_B. Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
-	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny && \
-	{ { MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) && \
-	    OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests --doctest-modules mmlib $(NBVAL) $(EARLY_NOTEBOOKS); } & \
-	  MMLIB_PROGRESS=0 OMP_NUM_THREADS=1 $(BIN)/python -m mmlib.zoo $(PREBUILT_B); b=$$?; wait $$!; a=$$?; \
-	  test $$a -eq 0 && test $$b -eq 0; } && \
-	OMP_NUM_THREADS=$(LATE_THREADS) $(BIN)/python -m pytest -n $(LATE_JOBS) --dist loadscope $(NBVAL) $(AFTER_DECODERS); \
+	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=1 && \
+	{ { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) && \
+	    $(BIN)/python -m pytest tests --doctest-modules mmlib $(NBVAL) $(EARLY_NOTEBOOKS) && \
+	    $(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) $(LATE_A); } & \
+	  { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_B) && \
+	    $(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) $(LATE_B); }; b=$$?; wait $$!; a=$$?; \
+	  test $$a -eq 0 && test $$b -eq 0; }; \
 	status=$$?; rm -rf $$cache; exit $$status
 
 # MMLIB_PROGRESS=0: a progress bar saved in a notebook shows frozen at 0%; the lab still shows them live.

@@ -303,6 +303,27 @@ class SignalLLM(nn.Module):
         return self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
 
     @torch.no_grad()
+    def write(self, prompts: list[str], inputs=None, max_new_tokens: int = 24) -> list[tuple[str, str | None]]:
+        """Let the LLM answer freely: (its text up to the first signal token, the output it asked for or None)."""
+        inputs = inputs or [[] for _ in prompts]
+        tok = self.base.tokenizer
+        batch = self.base.prepare(prompts, inputs, padding_side="left")
+        ids = self.base.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)
+        first = {ids[0]: m for m, ids in self.signals.items()}
+        written = []
+        for row in ids.tolist():
+            asked = next((first[t] for t in row if t in first), None)
+            cut = row.index(self.signals[asked][0]) if asked else len(row)
+            written.append((tok.decode(row[:cut], skip_special_tokens=True).strip(), asked))
+        return written
+
+    def asks(self, prompts: list[str], inputs=None, max_new_tokens: int = 8) -> list[str | None]:
+        """Which output the LLM asks for after each prompt (None: a text-only answer)."""
+        return [asked for _, asked in self.write(prompts, inputs, max_new_tokens)]
+
+    @torch.no_grad()
     def respond(self, prompts: list[str], inputs=None, max_new_tokens: int = 24, **decoder_options) -> list[dict]:
         """Answer each prompt: ``{"text": ..., "image"/"audio"/"video": output}`` for the outputs it asked for.
 
@@ -311,17 +332,9 @@ class SignalLLM(nn.Module):
         turns their states into the decoder's condition. An answer without signal tokens is text only.
         """
         inputs = inputs or [[] for _ in prompts]
-        tok = self.base.tokenizer
-        batch = self.base.prepare(prompts, inputs, padding_side="left")
-        ids = self.base.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id)
-        first = {self.signals[m][0]: m for m in self.signals}
         answers, wanted = [], {}
-        for i, row in enumerate(ids.tolist()):
-            asked = next((first[t] for t in row if t in first), None)
-            cut = row.index(self.signals[asked][0]) if asked else len(row)
-            answers.append({"text": tok.decode(row[:cut], skip_special_tokens=True).strip()})
+        for i, (text, asked) in enumerate(self.write(prompts, inputs, max_new_tokens)):
+            answers.append({"text": text})
             if asked:
                 wanted.setdefault(asked, []).append(i)
         for modality, rows in wanted.items():
@@ -437,7 +450,12 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
             rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
             batch = scenes[rows.numpy()]
             among = captioned_attributes(modality)
-            captions = world.captions(batch, variant=step, mention="all", among=among)[0]
+            # Half the requests describe what this output can show, half the whole scene: trained on
+            # the first kind alone, the LM-head rows learn "a caption with a position asks for a
+            # picture" and answer a sound request about a full caption with [IMG0].
+            half = len(batch) // 2
+            captions = (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
+                        + world.captions(batch[half:], variant=step, mention="all")[0])
             targets = [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
             z = None
             if "generation" in config.terms:

@@ -10,7 +10,7 @@ from mmlib.diffusion import denoising_loss, noise_scheduler
 from mmlib.encoders import ConvEncoderConfig, build_encoders, count_parameters, tower_spec
 from mmlib.input_projection import InputProjectionConfig, build_multimodal_llm
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm
-from mmlib.output_projection import (SIGNAL_INIT, OutputProjector, OutputProjectorConfig, Stage2Config,
+from mmlib.output_projection import (SIGNAL_INIT, OutputProjector, OutputProjectorConfig, SignalLLM, Stage2Config,
                                      add_signal_tokens, build_signal_llm, caption_alignment_loss, check_conditioning,
                                      generation_loss, load_stage2, projector_for, request, save_stage2, signal_names,
                                      signal_nll, train_stage2)
@@ -155,19 +155,34 @@ def test_save_and_load_give_the_same_conditioning(trained, tokenizer, frozen, tm
     assert torch.allclose(loaded.project("image", prompts), model.project("image", prompts), atol=1e-6)
 
 
-def test_respond_without_signal_tokens_is_a_text_only_answer(trained):
+def writes(model, monkeypatch, text):
+    """Make the LLM write `text` (greedy generation replaced), to test what respond does with it."""
+    ids = model.base.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    monkeypatch.setattr(model.base.llm, "generate", lambda **kwargs: ids)
+
+
+def test_an_answer_without_signal_tokens_is_text_only(trained, monkeypatch):
     model, _, _ = trained
-    answers = model.respond(["question: what shape is it? answer:"], max_new_tokens=3)
-    assert set(answers[0]) <= {"text", "image", "audio", "video"} and isinstance(answers[0]["text"], str)
-    with torch.no_grad():  # make sure the LLM cannot ask: no signal token in the answer, so text only
-        head = model.base.llm.get_output_embeddings().weight
-        saved = head.clone()
-        head[[i for ids in model.signals.values() for i in ids]] = -1e4 * head[:4].mean(0).sign()
-        try:
-            answers = model.respond(["question: a red circle draw it. answer:"], max_new_tokens=3)
-        finally:
-            head.copy_(saved)
-    assert list(answers[0]) == ["text"]
+    writes(model, monkeypatch, "a small red circle</s>")
+    assert model.respond(["question: a red circle draw it. answer:"]) == [{"text": "a small red circle"}]
+    assert model.asks(["question: a red circle draw it. answer:"]) == [None]
+
+
+def test_the_answer_is_cut_at_the_first_signal_token_and_the_output_generated(trained, monkeypatch):
+    model, _, _ = trained
+    writes(model, monkeypatch, "here it is [IMG0][IMG1] and more")
+    answer = model.respond(["question: a red circle draw it. answer:"])[0]
+    assert answer["text"] == "here it is" and answer["image"].shape == (3, 32, 32)
+
+
+def test_asking_for_an_output_without_a_decoder_is_a_clear_error(trained, monkeypatch):
+    model, _, _ = trained
+    partial = SignalLLM(model.base, model.signals, dict(model.projectors.items()),
+                        {m: d for m, d in model.decoders.items() if m != "video"})
+    writes(model, monkeypatch, "[VID0][VID1]")
+    assert partial.asks(["question: a red circle film it. answer:"]) == ["video"]
+    with pytest.raises(ValueError, match="asked for 'video', which has no decoder here"):
+        partial.respond(["question: a red circle film it. answer:"])
 
 
 def test_a_modality_without_a_decoder_is_a_clear_error(trained):

@@ -5,8 +5,9 @@
 Builds the tiny LLM, encoders and decoders from their configs with untrained weights (speed does
 not depend on the weights; the decoders' UNets take one training step so that real pipelines
 exist; nothing is downloaded) and prints seconds per stage-2 step for the zoo's terms (NLL +
-alignment, all three outputs) and with the denoising term added, the seconds to answer 16 image
-requests (LLM generation, projector and decoder), the process's peak memory, and NExT-GPT's
+alignment, all three outputs) with the MLP and the transformer projector, and with the denoising
+term added, the seconds to answer 16 image
+requests (LLM generation; then signal states, projector and decoder), the process's peak memory, and NExT-GPT's
 full-size projectors counted on the `meta` device with their weights' size in fp32.
 """
 
@@ -55,16 +56,22 @@ def main() -> None:
     base = build_multimodal_llm(encoders, llm, InputProjectionConfig(kind="mlp", tokens=4))
     decoders = untrained_decoders(world, tokenizer)
     config = course_config.scale_config("stage2", Stage2Config, "tiny")
-    model = build_signal_llm(base, decoders, config)
     print(f"threads {torch.get_num_threads()}")
-    for terms in (tuple(config.terms), ("nll", "alignment", "generation")):
-        run = replace(config, terms=terms, steps=10, training_scenes=32)
-        step = seconds(lambda: train_stage2(model, run, world), 1) / run.steps  # (and encoding 32 scenes' latents once)
-        print(f"stage 2, {' + '.join(terms)}: {step:.3f} s/step ({len(OUTPUTS)} outputs, {config.batch_size} "
-              f"requests each; {config.steps} steps: {step * config.steps / 60:.1f} min)")
+    transformer = replace(config.projector, kind="transformer")
+    for terms, projector in [(tuple(config.terms), config.projector), (tuple(config.terms), transformer),
+                             (("nll", "alignment", "generation"), config.projector)]:
+        run = replace(config, terms=terms, steps=10, training_scenes=32, projector=projector)
+        trained = build_signal_llm(copy.deepcopy(base), decoders, run)
+        step = seconds(lambda: train_stage2(trained, run, world), 1) / run.steps  # (and encoding 32 scenes' latents once)
+        print(f"stage 2, {' + '.join(terms)}, {projector.kind} projector: {step:.3f} s/step ({len(OUTPUTS)} outputs, "
+              f"{config.batch_size} requests each; {config.steps} steps: {step * config.steps / 60:.1f} min)")
     captions = world.captions(world.scenes(world.split("test", 16)), mention="all")[0]
     prompts = [request("image", caption, i) for i, caption in enumerate(captions)]
-    print(f"answer 16 image requests (LLM, projector, decoder): {seconds(lambda: model.respond(prompts), 2):.2f} s")
+    model = build_signal_llm(base, decoders, config)  # untrained: it may not ask, so time the two halves apart
+    write = seconds(lambda: model.write(prompts), 2)
+    draw = seconds(lambda: model.decoders["image"](prompt_embeds=model.project("image", prompts)), 2)
+    print(f"16 image requests: the LLM answers in {write:.2f} s (24 new tokens at most); signal states, "
+          f"projector and decoder take {draw:.2f} s")
     print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
     full = course_config.scale_config("stage2", Stage2Config, "full")

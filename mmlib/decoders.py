@@ -26,8 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (AudioLDMPipeline, AutoencoderKL, StableDiffusionPipeline,
-                       TextToVideoSDPipeline)
+from transformers.utils import logging as transformers_logging
+
+# Importing diffusers' pipelines imports transformers' image processors, which warn that
+# torchvision is missing and fall back to PIL. The decoders never use them: keep that out of the lessons.
+_verbosity = transformers_logging.get_verbosity()
+transformers_logging.set_verbosity_error()
+try:
+    from diffusers import AudioLDMPipeline, AutoencoderKL, StableDiffusionPipeline, TextToVideoSDPipeline
+finally:
+    transformers_logging.set_verbosity(_verbosity)
 from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 

@@ -1,12 +1,12 @@
 """The decoder-side link: signal tokens and output projectors. L(LLM-Decoder).
 
 Introduced in `05_signal_tokens_and_output_projection.ipynb`. The LLM asks for an image by
-writing signal tokens, ``[IMG0][IMG1][IMG2][IMG3]``, new rows of its vocabulary. An output
+writing signal tokens, ``[IMG0]`` ... ``[IMG6]``, new rows of its vocabulary. An output
 projector reads the LLM's last hidden states at those positions and turns them into the
 conditioning the decoder's UNet cross-attends to, in place of the decoder's own text encoder:
 
-    "question: draw a small red circle in the top left. answer:" -> LLM -> [IMG0]..[IMG3]
-    hidden states at [IMG0..3] (4, 128) -> output projector -> (32, 64) -> tiny SD's UNet -> picture
+    "question: a small red circle in the top left draw it. draw it. answer:" -> LLM -> [IMG0]..[IMG6]
+    hidden states at [IMG0..6] (7, 128) -> output projector -> (32, 64) -> tiny SD's UNet -> picture
 
 NExT-GPT's stage 2 trains this link with three terms (the course notes' L(LLM-Decoder)):
 
@@ -14,7 +14,7 @@ NExT-GPT's stage 2 trains this link with three terms (the course notes' L(LLM-De
 - `caption_alignment_loss`: the distance between the projector's output and the decoder's own
   text-encoder states of the caption (NExT-GPT's per-token Euclidean distance). The caption is
   the scene's canonical one (lesson 4's answer style), not the request's own wording: token
-  states depend on word order and synonyms, which no projector can guess from 4 signal tokens,
+  states depend on word order and synonyms, which no projector can guess from the signal tokens,
   and which the decoder does not need;
 - `generation_loss`: the conditional latent denoising loss of lesson 3 through the frozen UNet,
   with the projector's output as the condition.
@@ -50,16 +50,17 @@ from mmlib.diffusion import denoising_loss, noise_scheduler
 from mmlib.input_projection import MultimodalLLM, plot_sequence
 from mmlib.llm import PROMPT, canonical_caption
 
-# Signal tokens per output. NExT-GPT uses 4 (image), 8 (audio) and 24 (video) for decoders that
-# read 77 x 768-1024 states. The tiny decoders read 32 x 64 states of captions with at most six
-# attributes, and lesson 4 found 4 soft tokens enough to carry six attributes into the LLM: 4 each.
-SIGNAL_TOKENS = {"image": 4, "audio": 4, "video": 4}
-# Words whose input-embedding rows the signal tokens start from, in order (cycled if there are
-# more tokens). After "answer:", the tiny LLM's state at "a" holds the size, color, temperature
-# and shape it is about to copy; at "the", the position; at "moving", the motion. Started there,
-# the states at [IMG0..3] already carry every attribute (linear probes: 0.99-1.00); started at the
-# mean of all rows, they carry hardly any color (0.29) and training does not find it.
-SIGNAL_INIT = ("a", "circle", "the", "moving")
+# Signal tokens per output, and the words whose input-embedding rows they start from. The LLM
+# learned (lesson 4) to answer in one order, "a small red hot circle in the top left moving up",
+# copying each attribute from the context. Its state at a word is about to say the next one: at
+# "a" the size, at "small" the color, at "red" the temperature, at "hot" the shape, at "the" and
+# "top" the two halves of the position, at "moving" the motion. Signal tokens started as those
+# seven words carry every attribute before any training: 7 per output, one per attribute to copy
+# (position takes two). Started from the mean row, or from 4 words, color or position came out
+# at chance for some seeds and training did not find them. (NExT-GPT uses 4, 8 and 24 tokens for
+# decoders that read 77 states of width 768-1,024; the tiny decoders read 32 states of width 64.)
+SIGNAL_INIT = ("a", "small", "red", "hot", "the", "top", "moving")
+SIGNAL_TOKENS = {"image": len(SIGNAL_INIT), "audio": len(SIGNAL_INIT), "video": len(SIGNAL_INIT)}
 PREFIX = {"image": "IMG", "audio": "AUD", "video": "VID"}
 # How a user asks for each output, after the caption (the words are in the course tokenizer), said
 # twice. The frozen LLM's state at "answer:" is mostly about the scene it is about to restate; only
@@ -75,7 +76,7 @@ TERMS = ("nll", "alignment", "generation")  # the three parts of L(LLM-Decoder)
 
 
 def signal_names(modality: str, count: int) -> list[str]:
-    """The signal tokens of an output, e.g. ``["[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]"]``."""
+    """The signal tokens of an output, e.g. ``["[IMG0]", "[IMG1]", "[IMG2]"]`` for 3."""
     check_choice("output modality", modality, list(OUTPUTS))
     return [f"[{PREFIX[modality]}{i}]" for i in range(count)]
 
@@ -184,7 +185,7 @@ def projector_for(decoder_shape: tuple[int, int], llm_dim: int, signal_tokens: i
 
 
 def signal_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the scored tokens (the signal tokens and ``</s>``): position t predicts t + 1."""
+    """Mean cross-entropy of the scored tokens (labels other than -100): position t predicts t + 1."""
     return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=-100)
 
 
@@ -276,7 +277,10 @@ class SignalLLM(nn.Module):
                             position_ids=batch["position_ids"], output_hidden_states=True)
         parts = {}
         if "nll" in terms:
-            parts["nll"] = signal_nll(out.logits, batch["labels"])
+            # The signal tokens only, not the </s> after them: its LM-head row is frozen, so the
+            # state at the last signal token would have to turn into "stop", losing what it carries.
+            signal_only = batch["labels"].masked_fill(batch["labels"] == self.base.tokenizer.eos_token_id, -100)
+            parts["nll"] = signal_nll(out.logits, signal_only)
         if "alignment" in terms or "generation" in terms:
             projected = self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
             decoder = self.decoders[modality]
@@ -381,6 +385,7 @@ class Stage2Config:
     projector: OutputProjectorConfig = field(default_factory=OutputProjectorConfig)
     outputs: tuple = OUTPUTS  # the decoders to link; each step trains all of them
     signal_tokens: dict = field(default_factory=lambda: dict(SIGNAL_TOKENS))  # per output (NExT-GPT: 4, 8, 24)
+    signal_init: tuple = SIGNAL_INIT  # words the signal tokens' input rows start from, cycled; () = the mean row
     conditioning: dict = field(default_factory=dict)  # full scale: each decoder's (tokens, dim), checked on load
     terms: tuple = TERMS  # which parts of L(LLM-Decoder) to train with
     steps: int = 900
@@ -410,7 +415,8 @@ def build_signal_llm(base: MultimodalLLM, decoders: dict[str, Decoder], config: 
     course_config.seed_everything()
     for modality in config.outputs:
         check_conditioning(config, modality, decoders[modality].conditioning_shape)
-    signals = add_signal_tokens(base.llm, base.tokenizer, {m: config.signal_tokens[m] for m in config.outputs})
+    signals = add_signal_tokens(base.llm, base.tokenizer, {m: config.signal_tokens[m] for m in config.outputs},
+                                config.signal_init)
     base.llm = train_only_rows(base.llm, [i for ids in signals.values() for i in ids])
     base.projection.requires_grad_(False)
     base.encoders.requires_grad_(False)

@@ -134,6 +134,22 @@ def test_stage2_trains_only_the_new_rows_and_the_projectors(trained):
     assert all(len(curve) == 3 for curve in history.loss.values())
 
 
+def test_the_nll_term_scores_the_signal_tokens_and_not_the_end_of_text(trained):
+    model, _, _ = trained
+    prompts = [request("image", "a red circle"), request("image", "a big blue square moving up", 1)]
+    nll = model.losses("image", ["a red circle", "a big blue square moving up"], ["a red circle"] * 2, None,
+                       terms=("nll",))["nll"]
+    batch = model.base.prepare(prompts, [[], []], [model.answer("image")] * 2)
+    with torch.no_grad():
+        logits = model.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"]).logits
+    signals = model.signals["image"]
+    scored = [-F.log_softmax(logits[b, t - 1], -1)[batch["labels"][b, t]] for b in range(2)
+              for t in range(1, logits.shape[1]) if batch["labels"][b, t] in signals]
+    assert len(scored) == 2 * len(signals)
+    assert torch.allclose(nll, torch.stack(scored).mean(), atol=1e-5)
+
+
 def test_stage2_learns_to_ask_and_align(tokenizer, frozen):
     """Rows and an image projector only, on a random LLM: NLL and alignment both fall."""
     config = Stage2Config(**{**TINY_STAGE2, "outputs": ("image",), "terms": ("nll", "alignment"), "steps": 60,

@@ -358,6 +358,8 @@ class SignalLLM(nn.Module):
 
 def plot_signal_sequence(model: SignalLLM, prompt: str, modality: str, ax=None):
     """Lesson 4's sequence figure for a request answered with signal tokens, marking where the projector reads."""
+    import matplotlib.pyplot as plt
+
     answer = model.answer(modality)
     fig = plot_sequence(model.base, prompt, [], answer, ax)
     ax = fig.axes[0]
@@ -369,6 +371,12 @@ def plot_signal_sequence(model: SignalLLM, prompt: str, modality: str, ax=None):
         ax.annotate("", xy=(x + 0.46, 1.35), xytext=(x + 0.46, 1.02), arrowprops={"arrowstyle": "->", "color": "#c03d3e"})
     ax.text(float(np.mean(reads)) + 0.46, 1.45, f"hidden states -> output projector -> {modality} decoder",
             ha="center", va="center", fontsize=8, color="#c03d3e")
+    end = len(ids)  # the </s> after the answer: prepare labels it, but the NLL term does not score it
+    for text in [t for t in ax.texts if t.get_position()[0] == end + 0.46]:
+        text.remove()
+    ax.add_patch(plt.Rectangle((end, 0.45), 0.92, 0.55, color="#d9d9d9"))
+    ax.text(end + 0.46, 0.72, "</s>", ha="center", va="center", fontsize=7)
+    ax.text(end + 0.46, 0.2, "not\nscored", ha="center", va="center", fontsize=6, color="gray")
     ax.set_ylim(0, 1.55)
     return fig
 

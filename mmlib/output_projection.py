@@ -213,7 +213,7 @@ def generation_loss(decoder: Decoder, scheduler, conditioning: torch.Tensor, lat
 
 
 def request(modality: str, caption: str, variant: int = 0) -> str:
-    """An instruction asking for `modality` of a scene, e.g. ``"question: a red circle draw it. answer:"``.
+    """An instruction asking for `modality` of a scene, e.g. ``"question: a red circle draw it. draw it. answer:"``.
 
     The format of the LLM's text pretraining (a caption, then a request), which the frozen LLM
     reads as it learned to: its state at "answer:" holds the scene it is about to restate.
@@ -260,6 +260,13 @@ class SignalLLM(nn.Module):
             raise ValueError(f"every sequence must hold the {len(ids)} signal tokens of {modality}; found {counts.tolist()}")
         return hidden[where].view(len(hidden), len(ids), -1)  # (B*n, H) -> (B, n, H)
 
+    def read(self, prompts: list[str], inputs, answers: list[str]):
+        """The LLM over prompts and teacher-forced answers: (prepared batch, output with hidden states)."""
+        batch = self.base.prepare(prompts, inputs, answers)
+        out = self.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], output_hidden_states=True)
+        return batch, out
+
     def losses(self, modality: str, captions: list[str], targets: list[str], latents: torch.Tensor | None,
                scheduler=None, terms=TERMS, variant: int = 0,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -272,9 +279,7 @@ class SignalLLM(nn.Module):
         self.check_output(modality)
         prompts = [request(modality, caption, variant + i) for i, caption in enumerate(captions)]
         answers = [self.answer(modality)] * len(prompts)  # the signal tokens straight after "answer:"
-        batch = self.base.prepare(prompts, [[] for _ in prompts], answers)
-        out = self.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], output_hidden_states=True)
+        batch, out = self.read(prompts, [[] for _ in prompts], answers)
         parts = {}
         if "nll" in terms:
             # The signal tokens only, not the </s> after them: its LM-head row is frozen, so the
@@ -301,9 +306,7 @@ class SignalLLM(nn.Module):
         self.check_output(modality)
         inputs = inputs or [[] for _ in prompts]
         answers = [self.answer(modality, text) for text in (descriptions or [""] * len(prompts))]
-        batch = self.base.prepare(prompts, inputs, answers)
-        out = self.base.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], output_hidden_states=True)
+        batch, out = self.read(prompts, inputs, answers)
         return self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
 
     @torch.no_grad()

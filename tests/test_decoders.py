@@ -10,9 +10,10 @@ from mmlib.autoencoder import AutoencoderConfig, build_autoencoder
 from mmlib.data import World
 from mmlib.decoders import (CONFIGS, Decoder, assemble, griffin_lim, load_decoder, mel_to_linear, snapshot_prompts,
                             train_decoder)
-from conftest import tiny_config  # tests/conftest.py: the tiny decoder configs the fixtures use
 from mmlib.diffusion import DiffusionConfig, build_unet, noise_scheduler
 from mmlib.encoders import TextEncoder, TextEncoderConfig
+
+from conftest import tiny_config  # tests/conftest.py: the tiny decoder configs the fixtures use
 
 def test_decoders_return_the_worlds_formats(decoders):
     prompts = ["a large red circle in the top left", "a small blue square moving leftward"]

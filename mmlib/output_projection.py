@@ -345,18 +345,23 @@ class SignalLLM(nn.Module):
             if asked:
                 wanted.setdefault(asked, []).append(i)
         for modality, rows in wanted.items():
-            if modality not in self.decoders:
-                raise ValueError(f"the LLM asked for {modality!r}, which has no decoder here; "
-                                 f"load one with load_decoder({modality!r})")
-            conditioning = self.project(modality, [prompts[i] for i in rows], [answers[i]["text"] for i in rows],
-                                        [inputs[i] for i in rows])
-            decoder = self.decoders[modality]
-            if decoder.conditioning_shape[0] == 1:  # AudioLDM takes one pooled vector: (B, 1, dim) -> (B, dim)
-                conditioning = conditioning[:, 0]
-            generated = decoder(prompt_embeds=conditioning, **decoder_options)
+            generated = self.generate_output(modality, [prompts[i] for i in rows], [answers[i]["text"] for i in rows],
+                                             [inputs[i] for i in rows], **decoder_options)
             for row, output in zip(rows, generated):
                 answers[row][modality] = output
         return answers
+
+    @torch.no_grad()
+    def generate_output(self, modality: str, prompts: list[str], texts: list[str], inputs=None, **decoder_options):
+        """Decode the output of `modality` for prompts whose answers begin with `texts` and ask for it."""
+        if modality not in self.decoders:
+            raise ValueError(f"the LLM asked for {modality!r}, which has no decoder here; "
+                             f"load one with load_decoder({modality!r})")
+        conditioning = self.project(modality, prompts, texts, inputs)
+        decoder = self.decoders[modality]
+        if decoder.conditioning_shape[0] == 1:  # AudioLDM takes one pooled vector: (B, 1, dim) -> (B, dim)
+            conditioning = conditioning[:, 0]
+        return decoder(prompt_embeds=conditioning, **decoder_options)
 
 
 def plot_signal_sequence(model: SignalLLM, prompt: str, modality: str, ax=None):

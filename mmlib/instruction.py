@@ -1,0 +1,611 @@
+"""Instruction tuning with LoRA on modality-switching dialogues. L(Encoder-Decoder).
+
+Introduced in `06_lora_instruction_tuning.ipynb`. After stages 1 and 2 every link works on its
+own: an encoder's input can be captioned, and a request said the way stage 2 said it reaches a
+decoder. Nothing yet makes the whole model do what a user asks, in a conversation that switches
+modality: "draw what makes this sound", "make it blue and play the sound of it", "what shape is
+it? ... and how hot is it?". NExT-GPT's stage 3 (its MosIT data) tunes for that end to end:
+
+    L(Encoder-Decoder) = cross-entropy on the answer tokens          (the text, and the signal tokens)
+                       + alignment of the projected signal states    (lesson 5's terms, on every
+                       [+ denoising loss through the frozen UNet]     output an answer asks for)
+
+trained through LoRA adapters on the LLM's attention (only low-rank updates ``W + B A`` train,
+`peft` adds them) plus both projections. The frozen LLM cannot learn it: its state where an
+answer starts is about the scene, not about what the user asked for.
+
+- The dialogues come from the world and the templates in ``data/dialogues/templates.yaml``
+  (`make_dialogues`): a template's placeholders are filled with the scene rendered in that
+  modality, its edits (``{color*}``) change the scene the answer must show, and every turn
+  records what its answer must state (`Turn.expect`). Templates under ``test`` are held out.
+- Dialogue files are JSON Lines (`save_dialogues`, `load_dialogues`); a bad line is rejected
+  with its number and the reason.
+- `run_dialogues` lets a model hold the dialogues turn by turn on its own answers, generates
+  every output it asks for and grades them: a dialogue succeeds when every answer states the
+  expected attributes (and no others) and the judge reads every output as asked.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import trange
+
+from mmlib import config as course_config
+from mmlib import zoo
+from mmlib.contrastive import History
+from mmlib.data import ATTRIBUTES, REVEALS, World
+from mmlib.data.captions import data_file, parse_caption, vocabulary
+from mmlib.data.world import check_choice, uniform
+from mmlib.decoders import OUTPUTS, captioned_attributes, training_latents
+from mmlib.diffusion import noise_scheduler
+from mmlib.judge import JUDGED
+from mmlib.llm import answer_phrase, canonical_caption
+from mmlib.output_projection import SignalLLM, caption_alignment_loss, generation_loss, merge_signal_rows, signal_nll
+from mmlib.tokenizer import MODALITY_TOKENS
+
+PLACEHOLDER = re.compile(r"<(\w+)>")  # an input in what the user says: <audio>
+OUTPUT_TAG = re.compile(r"\[(\w+)\]")  # an output in an answer: [image]
+SLOT = re.compile(r"\{(\w+)(\*?)\}")  # {caption}, {describe}, {shape}, or an edit {color*}
+SPLITS = ("train", "test")  # template splits; scenes come from the world's own splits
+TERMS = ("answer", "alignment", "generation")  # the parts of L(Encoder-Decoder) to train with
+TUNINGS = ("lora", "full", "frozen")  # what of the LLM trains: LoRA adapters, every weight, nothing
+
+
+class DialogueError(ValueError):
+    """A dialogue (or template) that cannot be used, with where it is and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialogues
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    """One exchange: what the user says (with placeholders), the inputs, the answer and its check."""
+
+    user: str  # e.g. "<audio> make it large and play the sound of it."
+    inputs: list  # the modality of each placeholder in `user`, in order
+    answer: str  # e.g. "[audio]" or "a large red circle moving up": text, then at most one output
+    expect: dict  # attribute -> value the answer's text states, or its output must show
+    values: dict  # all six attributes of the scene as it stands at this turn (edits made)
+
+    @property
+    def output(self) -> str | None:
+        """The output this turn asks for, or None for a text answer."""
+        tags = OUTPUT_TAG.findall(self.answer)
+        return tags[0] if tags else None
+
+
+@dataclass
+class Dialogue:
+    """A multi-turn dialogue about one scene of the world (its inputs are that scene rendered)."""
+
+    template: str
+    scene: int  # the scene's index in the world
+    turns: list
+
+
+def load_templates(path: Path | None = None) -> dict[str, dict[str, list]]:
+    """``{"train": {name: [[user, answer], ...]}, "test": {...}}`` from the templates file, checked."""
+    path = Path(path or data_file("dialogues", "templates.yaml"))
+    templates = yaml.safe_load(path.read_text())
+    if not isinstance(templates, dict) or set(templates) != set(SPLITS):
+        raise DialogueError(f"{path}: the file must have exactly the sections {', '.join(SPLITS)}")
+    for split, group in templates.items():
+        for name, turns in group.items():
+            where = f"{path}: template {split}.{name}"
+            if not isinstance(turns, list) or not all(isinstance(t, list) and len(t) == 2 for t in turns):
+                raise DialogueError(f"{where}: a template is a list of [user, answer] pairs")
+            for user, answer in turns:
+                _check_text(where, user, answer, OUTPUTS)
+    overlap = set(templates["train"]) & set(templates["test"])
+    if overlap:
+        raise DialogueError(f"{path}: templates {sorted(overlap)} are both train and test")
+    return templates
+
+
+def _check_text(where: str, user: str, answer: str, outputs) -> None:
+    """Placeholders name known inputs, slots known attributes, output tags decoders the model has."""
+    for tag in PLACEHOLDER.findall(user):
+        if tag not in MODALITY_TOKENS:
+            raise DialogueError(f"{where}: unknown modality tag <{tag}>; inputs are "
+                                + ", ".join(MODALITY_TOKENS.values()))
+    for name, star in SLOT.findall(user) + SLOT.findall(answer):
+        if name not in ("caption", "describe") and name not in ATTRIBUTES:
+            raise DialogueError(f"{where}: unknown slot {{{name}{star}}}; slots are {{caption}}, {{describe}}, "
+                                "an attribute such as {color}, or an edit such as {color*}")
+    for tag in OUTPUT_TAG.findall(answer):
+        if tag not in OUTPUTS:
+            raise DialogueError(f"{where}: unknown output [{tag}]; outputs are "
+                                + ", ".join(f"[{m}]" for m in OUTPUTS))
+        if tag not in outputs:
+            raise DialogueError(f"{where}: the answer asks for [{tag}], but the model has no {tag} decoder; "
+                                f"it can generate: {', '.join(outputs) or 'text only'}")
+    if len(OUTPUT_TAG.findall(answer)) > 1 or (OUTPUT_TAG.search(answer) and not answer.rstrip().endswith("]")):
+        raise DialogueError(f"{where}: an answer asks for at most one output, at its end")
+
+
+def _phrase(attribute: str, value: str, u: float) -> str:
+    """One of the vocabulary's phrases for a value (the user speaks in any synonym)."""
+    phrases = vocabulary()[attribute][value]
+    return phrases[min(int(u * len(phrases)), len(phrases) - 1)]
+
+
+def make_dialogues(world: World, split: str, n: int, templates: list[str] | None = None, start: int = 0,
+                   variant: int = 0) -> list[Dialogue]:
+    """`n` dialogues on the `split` scenes from `start`, cycling through `templates`.
+
+    `templates` defaults to the templates of the same split (train scenes with train templates,
+    test scenes with held-out ones). A pure function of (seed, split, start, variant): the
+    captions' wording, the synonyms and the edits are drawn per dialogue.
+    """
+    check_choice("split", split, list(SPLITS))
+    table = load_templates()
+    every = {**table["train"], **table["test"]}
+    names = templates or list(table[split])
+    for name in names:
+        check_choice("dialogue template", name, list(every))
+    index = world.split(split, n, start)
+    scenes = world.scenes(index)
+    u = uniform(world.seed, index * 31 + variant, "dialogue", 16)  # (n, 16) draws per dialogue
+    dialogues = []
+    for i in range(n):
+        name = names[(i + variant) % len(names)]
+        values, known, turns, draw = scenes.describe(i), set(), [], iter(u[i])
+        for user, answer in every[name]:
+            inputs = PLACEHOLDER.findall(user)
+            for modality in inputs:
+                known |= set(REVEALS[modality])
+            if "{caption}" in user:
+                text, mentioned = world.captions(scenes[i:i + 1], variant=variant * 7 + i)
+                user = user.replace("{caption}", text[0])
+                known |= {a for a, said in zip(ATTRIBUTES, mentioned[0]) if said}
+            for attribute in [a for a, star in SLOT.findall(user) if star]:  # an edit: a new value
+                others = [v for v in ATTRIBUTES[attribute] if v != values[attribute]]
+                values[attribute] = others[min(int(next(draw) * len(others)), len(others) - 1)]
+                known.add(attribute)
+                user = user.replace("{" + attribute + "*}", _phrase(attribute, values[attribute], next(draw)))
+            expect = {}
+            if "{describe}" in answer:
+                among = [a for a in ATTRIBUTES if a in known]
+                answer = answer.replace("{describe}", canonical_caption(values, among))
+                expect.update({a: values[a] for a in among})
+            output = (OUTPUT_TAG.findall(answer) or [None])[0]
+            if output:  # the output shows what is known that it can show
+                expect.update({a: values[a] for a in captioned_attributes(output) if a in known})
+            for attribute in [a for a, star in SLOT.findall(answer) if a in ATTRIBUTES and not star]:
+                if attribute not in known:
+                    raise DialogueError(f"template {name}: the answer states {{{attribute}}}, which no input so far reveals")
+                answer = answer.replace("{" + attribute + "}", answer_phrase(attribute, values[attribute]))
+                expect[attribute] = values[attribute]
+            turns.append(Turn(user, inputs, answer, expect, dict(values)))
+        dialogues.append(Dialogue(name, int(index[i]), turns))
+    return dialogues
+
+
+def save_dialogues(dialogues: list[Dialogue], path: Path) -> None:
+    """Write dialogues as JSON Lines, one dialogue per line."""
+    with open(path, "w") as handle:
+        for dialogue in dialogues:
+            handle.write(json.dumps(asdict(dialogue)) + "\n")
+
+
+def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
+    """A dialogue from a parsed JSON record, or a DialogueError naming `where` and the reason."""
+    if not isinstance(record, dict) or not {"template", "scene", "turns"} <= set(record):
+        raise DialogueError(f"{where}: a dialogue is an object with template, scene and turns")
+    if not isinstance(record["scene"], int) or record["scene"] < 0:
+        raise DialogueError(f"{where}: scene must be a scene index (a non-negative integer), got {record['scene']!r}")
+    if not isinstance(record["turns"], list) or not record["turns"]:
+        raise DialogueError(f"{where}: turns must be a non-empty list")
+    turns = []
+    for k, turn in enumerate(record["turns"]):
+        at = f"{where}, turn {k + 1}"
+        if not isinstance(turn, dict) or set(turn) != {"user", "inputs", "answer", "expect", "values"}:
+            raise DialogueError(f"{at}: a turn has exactly the keys user, inputs, answer, expect, values")
+        _check_text(at, turn["user"], turn["answer"], outputs)
+        tags = PLACEHOLDER.findall(turn["user"])
+        for modality in turn["inputs"]:
+            if modality not in MODALITY_TOKENS:
+                raise DialogueError(f"{at}: unknown input modality {modality!r}; inputs are {', '.join(MODALITY_TOKENS)}")
+        if tags != list(turn["inputs"]):
+            missing = [f"<{t}>" for t in tags[len(turn["inputs"]):]] if len(tags) > len(turn["inputs"]) else []
+            reason = (f"placeholder {', '.join(missing)} has no input" if missing else
+                      f"the placeholders {['<' + t + '>' for t in tags]} do not match the inputs {turn['inputs']}")
+            raise DialogueError(f"{at}: {reason}; list one input modality per placeholder, in order")
+        for key in ("expect", "values"):
+            for attribute, value in turn[key].items():
+                if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
+                    raise DialogueError(f"{at}: {key} has {attribute}={value!r}, which is not an attribute value of the world")
+        if set(turn["values"]) != set(ATTRIBUTES):
+            raise DialogueError(f"{at}: values must give all six attributes ({', '.join(ATTRIBUTES)})")
+        turns.append(Turn(**turn))
+    return Dialogue(record["template"], record["scene"], turns)
+
+
+def load_dialogues(path: Path, outputs=OUTPUTS) -> list[Dialogue]:
+    """Read and check a JSON Lines dialogue file against a model's `outputs` (e.g. ``model.outputs``).
+
+    A bad line raises a DialogueError with the file, the line number and the reason.
+    """
+    dialogues = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DialogueError(f"{where}: not valid JSON ({error.msg})") from None
+        dialogues.append(check_dialogue(record, where, outputs))
+    return dialogues
+
+
+# ---------------------------------------------------------------------------------------------
+# Dialogues as LLM sequences
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_for(history: list[tuple[str, str]], user: str) -> str:
+    """The text the LLM reads before its next answer: earlier turns, then the new question.
+
+    ``prompt_for([("<audio> describe this sound.", "a red circle")], "now draw it.")`` is
+    "question: <audio> describe this sound. answer: a red circle. question: now draw it. answer:",
+    lesson 4's dialogue format.
+    """
+    earlier = "".join(f"question: {u} answer: {a}. " for u, a in history)
+    return earlier + f"question: {user} answer:"  # PROMPT, with the whole turn as context and request
+
+
+def with_signals(model: SignalLLM, answer: str) -> str:
+    """An answer with its output tag replaced by the model's signal tokens."""
+    output = (OUTPUT_TAG.findall(answer) or [None])[0]
+    if output is None:
+        return answer
+    model.check_output(output)
+    return model.answer(output, OUTPUT_TAG.sub("", answer).strip())
+
+
+def _embed_inputs(model: SignalLLM, world: World, wanted: list[list[tuple[str, int]]]) -> list[list[tuple[str, torch.Tensor]]]:
+    """Encoder embeddings for (modality, scene index) lists: each modality rendered and encoded once."""
+    by_modality = {}
+    for row in wanted:
+        for modality, scene in row:
+            by_modality.setdefault(modality, set()).add(scene)
+    table = {}
+    for modality, scenes in by_modality.items():
+        scenes = sorted(scenes)
+        embeddings = model.base.encode(modality, torch.from_numpy(world.render(modality, world.scenes(np.array(scenes)))))
+        table.update({(modality, s): e for s, e in zip(scenes, embeddings)})
+    return [[(m, table[(m, s)]) for m, s in row] for row in wanted]
+
+
+def training_examples(model: SignalLLM, world: World, dialogues: list[Dialogue]):
+    """Every turn of the dialogues as (prompts, inputs, answers with signal tokens, turns), gold history."""
+    prompts, wanted, answers, turns = [], [], [], []
+    for dialogue in dialogues:
+        history, seen = [], []
+        for turn in dialogue.turns:
+            seen = seen + [(m, dialogue.scene) for m in turn.inputs]
+            prompts.append(prompt_for(history, turn.user))
+            wanted.append(seen)
+            answers.append(with_signals(model, turn.answer))
+            turns.append(turn)
+            history.append((turn.user, answers[-1]))
+    return prompts, _embed_inputs(model, world, wanted), answers, turns
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and stage 3
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSettings:
+    """peft's LoraConfig fields the course sets (NExT-GPT: r=32, alpha=32, dropout 0.1 on q, k, v, o)."""
+
+    r: int = 8  # rank of each update B A; 8 of the tiny LLM's 128 dimensions (the rank sweep in notebook 06)
+    alpha: int = 16  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input; tiny data is fresh every step, so none is needed
+    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention: where the request is read
+    signal_rows: bool = True  # also train the signal tokens' embedding and LM-head rows (peft's trainable tokens)
+
+
+@dataclass
+class Stage3Config:
+    """NExT-GPT's stage 3 at one scale (``configs/<scale>.yaml``, section ``stage3``)."""
+
+    tuning: str = "lora"  # lora | full | frozen: what of the LLM trains
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    projections: bool = True  # also train the input projection and the output projectors (NExT-GPT does)
+    terms: tuple = ("answer", "alignment")  # + "generation": the denoising loss through the frozen UNets
+    steps: int = 300
+    batch_size: int = 24  # dialogues per step (one to two turns each)
+    lr: float = 3e-3  # peak learning rate of the LLM's trainable weights (one-cycle)
+    projection_lr: float = 1e-3  # ... and of the projections
+    generation_batch: int = 4  # outputs per decoder per step that also get the denoising loss
+    weights: dict = field(default_factory=lambda: {"answer": 1.0, "alignment": 1.0, "generation": 1.0})
+
+
+course_config.register_section("stage3", Stage3Config)
+
+
+def add_lora(llm, settings: LoraSettings, signal_ids: list[int] = ()):
+    """Wrap an LLM with peft LoRA adapters (and `signal_ids`' rows trainable); returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = {"embed_tokens": sorted(signal_ids), "lm_head": sorted(signal_ids)} if signal_ids else None
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), bias="none", trainable_token_indices=rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(llm, config)
+
+
+def prepare_stage3(model: SignalLLM, config: Stage3Config | None = None) -> SignalLLM:
+    """Make the parts of `model` that stage 3 trains trainable (in place); everything else frozen."""
+    config = config or course_config.scale_config("stage3", Stage3Config)
+    check_choice("stage-3 tuning", config.tuning, list(TUNINGS))
+    course_config.seed_everything()
+    merge_signal_rows(model)  # a stage-2 model still wrapped in its trainable rows: a plain LLM first
+    model.requires_grad_(False)
+    if config.tuning == "lora":
+        rows = [i for ids in model.signals.values() for i in ids] if config.lora.signal_rows else []
+        model.base.llm = add_lora(model.base.llm, config.lora, rows)
+    elif config.tuning == "full":
+        model.base.llm.requires_grad_(True)
+    if config.projections:
+        model.base.projection.requires_grad_(True)
+        model.projectors.requires_grad_(True)
+    return model
+
+
+def trainable_parameters(model: SignalLLM) -> dict[str, int]:
+    """Trainable and total parameters of the LLM and of the projections."""
+    llm = list(model.base.llm.parameters())
+    projections = list(model.base.projection.parameters()) + list(model.projectors.parameters())
+    return {"llm trainable": sum(p.numel() for p in llm if p.requires_grad),
+            "llm total": sum(p.numel() for p in llm if not _is_adapter(p, model)),
+            "projections trainable": sum(p.numel() for p in projections if p.requires_grad)}
+
+
+def _is_adapter(parameter, model) -> bool:
+    adapters = {id(p) for n, p in model.base.llm.named_parameters() if "lora_" in n or "trainable_tokens" in n}
+    return id(parameter) in adapters
+
+
+def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("answer", "alignment"),
+                  latents: dict | None = None, schedulers: dict | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """L(Encoder-Decoder) on a batch of turns: answer cross-entropy, then lesson 5's terms per output.
+
+    The cross-entropy scores every answer token; after an output's signal tokens the ``</s>`` is
+    not scored (lesson 5: its state is the one the projector reads). `latents[m]` holds clean
+    latents of the first turns asking for output `m`, for the generation term.
+    """
+    batch, out = model.read(prompts, inputs, answers)
+    labels = batch["labels"]
+    eos = model.base.tokenizer.eos_token_id
+    asks = torch.tensor([turn.output is not None for turn in turns], device=labels.device)
+    scored = labels.masked_fill((labels == eos) & asks[:, None], -100)  # (B, T)
+    parts = {}
+    if "answer" in terms:
+        parts["answer"] = signal_nll(out.logits, scored)
+    for modality in OUTPUTS:
+        rows = [i for i, turn in enumerate(turns) if turn.output == modality]
+        if not rows or not ({"alignment", "generation"} & set(terms)):
+            continue
+        states = model.signal_states(out.hidden_states[-1][rows], labels[rows], modality)
+        projected = model.projectors[modality](states)
+        decoder = model.decoders[modality]
+        if "alignment" in terms:
+            # stage 2's targets: the scene's canonical caption of all the output shows. What the
+            # dialogue never revealed (a sound's position) is unknowable, so the projector learns
+            # its average there; the judge grades only what was revealed.
+            targets = [canonical_caption(turns[i].values, captioned_attributes(modality)) for i in rows]
+            text_states = decoder.prompt_embeds(targets)
+            parts[f"{modality} alignment"] = caption_alignment_loss(projected, text_states.view(projected.shape))
+        if "generation" in terms and latents and modality in latents:
+            z = latents[modality]
+            parts[f"{modality} generation"] = generation_loss(decoder, schedulers[modality], projected[: len(z)], z, generator)
+    return parts
+
+
+def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: World | None = None,
+                 templates: list[str] | None = None) -> History:
+    """Instruction-tune a stage-2 model prepared with `prepare_stage3` on fresh training dialogues each step."""
+    config = config or course_config.scale_config("stage3", Stage3Config)
+    world = world or World()
+    for term in config.terms:
+        check_choice("L(Encoder-Decoder) term", term, list(TERMS))
+    llm = [p for p in model.base.llm.parameters() if p.requires_grad]
+    projections = [p for p in list(model.base.projection.parameters()) + list(model.projectors.parameters())
+                   if p.requires_grad]
+    groups = [g for g in ({"params": llm, "lr": config.lr}, {"params": projections, "lr": config.projection_lr})
+              if g["params"]]
+    if not groups:
+        raise ValueError("nothing to train: tuning 'frozen' with projections=False leaves no trainable parameter")
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                   total_steps=config.steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(course_config.seed())
+    schedulers = {m: noise_scheduler(model.decoders[m].config.unet.prediction_type) for m in model.outputs}
+    history = History()
+    model.eval()  # frozen parts keep inference behaviour (LoRA dropout, if any, is the adapters' own)
+    if config.tuning == "lora" and config.lora.dropout > 0:
+        model.base.llm.train()
+    for step in trange(config.steps, desc="stage 3", leave=False, disable=not course_config.show_progress()):
+        dialogues = make_dialogues(world, "train", config.batch_size, templates, start=step * config.batch_size,
+                                   variant=step)
+        prompts, inputs, answers, turns = training_examples(model, world, dialogues)
+        latents = None
+        if "generation" in config.terms:
+            latents = _turn_latents(model, world, dialogues, config.generation_batch, generator)
+        parts = stage3_losses(model, prompts, inputs, answers, turns, config.terms, latents, schedulers, generator)
+        total = sum(config.weights[name.split()[-1]] * value for name, value in parts.items())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        for name, value in parts.items():
+            history.loss.setdefault(name, []).append(value.item())
+    model.eval()
+    return history
+
+
+def _turn_latents(model: SignalLLM, world: World, dialogues: list[Dialogue], count: int, generator) -> dict:
+    """Noisy-VAE latents of the scenes the first `count` output turns per decoder must show."""
+    wanted = {}
+    for dialogue in dialogues:
+        for turn in dialogue.turns:
+            if turn.output and len(wanted.setdefault(turn.output, [])) < count:
+                wanted[turn.output].append((dialogue.scene, turn.values))
+    latents = {}
+    for modality, items in wanted.items():
+        scenes = world.scenes(np.array([s for s, _ in items]))
+        edits = {a: np.array([ATTRIBUTES[a].index(values[a]) for _, values in items]) for a in ATTRIBUTES}
+        scenes = world.edit(scenes, **edits)  # the scene the answer must show, edits included
+        mean, std = training_latents(modality, model.decoders[modality].pipeline.vae, world, scenes)
+        latents[modality] = mean + std * torch.randn(mean.shape, generator=generator)
+    return latents
+
+
+# ---------------------------------------------------------------------------------------------
+# Holding dialogues, and grading them
+# ---------------------------------------------------------------------------------------------
+
+
+def _states_ok(text: str, turn: Turn) -> bool:
+    """The answer's text states exactly what the expected answer's text states (an output request: nothing)."""
+    return parse_caption(text) == parse_caption(OUTPUT_TAG.sub("", turn.answer))
+
+
+@torch.no_grad()
+def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], judge=None,
+                  max_new_tokens: int = 24, keep_outputs: bool = False) -> list[dict]:
+    """Let the model hold each dialogue on its own answers; grade every turn.
+
+    Turn k of every dialogue is answered in one batch, after the model's own earlier answers. An
+    answer is cut at its first signal token, the rest of the output's signal tokens follow (as
+    in `SignalLLM.respond`) and the projector turns their states into the decoder's condition.
+    Returns per dialogue ``{"template", "turns": [{"text", "asked", "text_ok", "output_ok", ...}],
+    "success"}``; with a `judge`, outputs are generated and graded on the attributes the turn
+    expects that the judge reads; without one, only what the model asks for is checked.
+    """
+    records = [{"template": d.template, "turns": []} for d in dialogues]
+    histories = [[] for _ in dialogues]
+    seen = [[] for _ in dialogues]
+    for k in range(max(len(d.turns) for d in dialogues)):
+        active = [i for i, d in enumerate(dialogues) if len(d.turns) > k]
+        prompts, wanted = [], []
+        for i in active:
+            turn = dialogues[i].turns[k]
+            seen[i] = seen[i] + [(m, dialogues[i].scene) for m in turn.inputs]
+            prompts.append(prompt_for(histories[i], turn.user))
+            wanted.append(seen[i])
+        inputs = _embed_inputs(model, world, wanted)
+        written = model.write(prompts, inputs, max_new_tokens)
+        groups = {}
+        for j, (i, (text, asked)) in enumerate(zip(active, written)):
+            turn = dialogues[i].turns[k]
+            record = {"user": turn.user, "text": text, "asked": asked, "wanted": turn.output,
+                      "text_ok": _states_ok(text, turn) and asked == turn.output, "output_ok": True}
+            records[i]["turns"].append(record)
+            histories[i].append((turn.user, model.answer(asked, text) if asked in model.signals else text))
+            if asked is not None and asked == turn.output and judge is not None:
+                groups.setdefault(asked, []).append((i, j))
+        for modality, items in groups.items():
+            options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
+            outputs = model.generate_output(modality, [prompts[j] for _, j in items],
+                                            [written[j][0] for _, j in items], [inputs[j] for _, j in items], **options)
+            read = judge.read(modality, outputs)
+            for n, (i, _) in enumerate(items):
+                record = records[i]["turns"][k]
+                expect = dialogues[i].turns[k].expect
+                graded = [a for a in JUDGED[modality] if a in expect]
+                record["output_ok"] = all(read[a][n] == ATTRIBUTES[a].index(expect[a]) for a in graded)
+                if keep_outputs:
+                    record["output"] = outputs[n]
+    for record in records:
+        record["success"] = all(t["text_ok"] and t["output_ok"] for t in record["turns"])
+    return records
+
+
+def success_rate(records: list[dict]) -> float:
+    """Share of dialogues held successfully."""
+    return float(np.mean([r["success"] for r in records]))
+
+
+def success_by_template(records: list[dict]) -> dict[str, float]:
+    """Success rate per template, in order of first appearance."""
+    names = list(dict.fromkeys(r["template"] for r in records))
+    return {name: float(np.mean([r["success"] for r in records if r["template"] == name])) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, loading, the zoo
+# ---------------------------------------------------------------------------------------------
+
+
+def save_stage3(model: SignalLLM, history: History, config: Stage3Config, folder: Path) -> None:
+    """Write the LoRA adapters (peft's safetensors; or the whole LLM for full tuning) and the projections."""
+    folder = Path(folder)
+    if config.tuning == "lora":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.base.llm.save_pretrained(folder / "adapter")  # adapter_model.safetensors + adapter_config.json
+    elif config.tuning == "full":
+        with zoo.quiet_loading():
+            model.base.llm.save_pretrained(folder / "llm")
+    state = {f"input_projection.{k}": v.contiguous() for k, v in model.base.projection.state_dict().items()}
+    state.update({f"projectors.{k}": v.contiguous() for k, v in model.projectors.state_dict().items()})
+    save_file(state, folder / "projections.safetensors")
+    (folder / "stage3.json").write_text(json.dumps({"config": asdict(config), "history": asdict(history)}))
+
+
+def load_stage3(folder: Path, stage2: SignalLLM | None = None) -> tuple[SignalLLM, History]:
+    """The tuned model from `folder` over the zoo's stage-2 model (or the one given), adapters attached."""
+    folder = Path(folder)
+    record = json.loads((folder / "stage3.json").read_text())
+    config = course_config.make_config(Stage3Config, record["config"])
+    model = stage2 or zoo.load("stage2")[0]
+    if config.tuning == "lora":
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.base.llm = PeftModel.from_pretrained(model.base.llm, folder / "adapter")
+    elif config.tuning == "full":
+        from transformers import LlamaForCausalLM
+
+        with zoo.quiet_loading():
+            model.base.llm = LlamaForCausalLM.from_pretrained(folder / "llm").eval()
+    state = load_file(folder / "projections.safetensors")
+    model.base.projection.load_state_dict({k.removeprefix("input_projection."): v for k, v in state.items()
+                                           if k.startswith("input_projection.")})
+    model.projectors.load_state_dict({k.removeprefix("projectors."): v for k, v in state.items()
+                                      if k.startswith("projectors.")})
+    model.requires_grad_(False)
+    return model.eval(), History(**record["history"])
+
+
+@zoo.entry("stage3", load=load_stage3, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
+           lesson="06_lora_instruction_tuning.ipynb")
+def _train_zoo_stage3(folder: Path) -> None:
+    config = course_config.scale_config("stage3", Stage3Config)
+    model = prepare_stage3(zoo.load("stage2")[0], config)
+    start = time.perf_counter()
+    history = train_stage3(model, config)
+    history.seconds = time.perf_counter() - start
+    save_stage3(model, history, config, folder)

@@ -1,0 +1,198 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from mmlib import config as course_config
+from mmlib.data import World
+from mmlib.data.captions import parse_caption
+from mmlib.instruction import (OUTPUT_TAG, DialogueError, LoraSettings, Stage3Config, add_lora, load_dialogues,
+                               load_stage3, load_templates, make_dialogues, prepare_stage3, prompt_for, run_dialogues,
+                               save_dialogues, save_stage3, stage3_losses, train_stage3, trainable_parameters,
+                               training_examples)
+from mmlib.llm import LLMConfig, llama_config
+from mmlib.output_projection import Stage2Config, build_signal_llm, merge_signal_rows
+from test_output_projection import TINY_STAGE2, base_model
+
+# Templates whose inputs the tests' one-encoder (image) model can read.
+IMAGE_TEMPLATES = ["describe-picture", "recolor-picture", "sound-of-picture", "move-clip", "see-then-draw"]
+TINY_STAGE3 = dict(steps=4, batch_size=4, lr=1e-2, lora=LoraSettings(r=4, alpha=8))
+
+
+def test_templates_split_into_train_and_held_out_and_every_answer_states_what_it_expects():
+    templates = load_templates()
+    assert templates["train"] and templates["test"] and not set(templates["train"]) & set(templates["test"])
+    world = World(seed=0)
+    for split in ("train", "test"):
+        for dialogue in make_dialogues(world, split, 3 * len(templates[split])):
+            assert dialogue.template in templates[split]
+            for turn in dialogue.turns:
+                stated = parse_caption(OUTPUT_TAG.sub("", turn.answer))
+                assert all(turn.expect[a] == v for a, v in stated.items())  # the gold text is consistent
+                assert turn.output is not None or stated == turn.expect
+                assert turn.user.count("<") == len(turn.inputs)
+
+
+def test_dialogues_are_seeded_use_their_splits_scenes_and_carry_edits():
+    world = World(seed=0)
+    a, b = make_dialogues(world, "test", 12, variant=3), make_dialogues(world, "test", 12, variant=3)
+    assert [json.dumps(x.__dict__, default=vars) for x in a] == [json.dumps(x.__dict__, default=vars) for x in b]
+    assert set(world.split("test", 12).tolist()) == {d.scene for d in a}
+    recolor = make_dialogues(world, "train", 8, templates=["recolor-picture"])
+    for dialogue in recolor:
+        turn, original = dialogue.turns[0], world.scenes([dialogue.scene]).describe(0)
+        assert turn.values["color"] != original["color"] and turn.expect["color"] == turn.values["color"]
+        assert {k: v for k, v in turn.values.items() if k != "color"} == {k: v for k, v in original.items() if k != "color"}
+
+
+def test_dialogue_files_round_trip(tmp_path):
+    dialogues = make_dialogues(World(seed=0), "test", 10)
+    save_dialogues(dialogues, tmp_path / "d.jsonl")
+    assert load_dialogues(tmp_path / "d.jsonl") == dialogues
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda t: t.update(user="<smell> describe it.", inputs=["smell"]), r":2, turn 1: unknown modality tag <smell>"),
+    (lambda t: t.update(inputs=[]), r":2, turn 1: placeholder <image> has no input"),
+    (lambda t: t.update(answer="[video]"), r":2, turn 1: the answer asks for \[video\], but the model has no video decoder"),
+    (lambda t: t.update(answer="[depth]"), r":2, turn 1: unknown output \[depth\]"),
+    (lambda t: t.update(expect={"color": "mauve"}), r":2, turn 1: expect has color='mauve'"),
+])
+def test_a_bad_dialogue_file_is_rejected_with_the_line_and_the_reason(tmp_path, edit, reason):
+    dialogues = make_dialogues(World(seed=0), "train", 2, templates=["describe-picture"])
+    save_dialogues(dialogues, tmp_path / "d.jsonl")
+    lines = (tmp_path / "d.jsonl").read_text().splitlines()
+    record = json.loads(lines[1])
+    edit(record["turns"][0])
+    (tmp_path / "d.jsonl").write_text(lines[0] + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DialogueError, match=reason):
+        load_dialogues(tmp_path / "d.jsonl", outputs=("image", "audio"))
+
+
+def test_a_line_that_is_not_json_is_rejected_with_its_number(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n{not json\n")
+    with pytest.raises(DialogueError, match=r"d.jsonl:2: not valid JSON"):
+        load_dialogues(tmp_path / "d.jsonl")
+
+
+def test_prompts_follow_lesson_4s_dialogue_format():
+    assert prompt_for([("<audio> describe this sound.", "a red circle")], "now draw it.") == (
+        "question: <audio> describe this sound. answer: a red circle. question: now draw it. answer:")
+    assert prompt_for([], "<image> draw it.") == "question: <image> draw it. answer:"
+
+
+@pytest.fixture(scope="module")
+def stage2(tokenizer, decoders):
+    """A tiny stage-2 model over copies of the session's decoders (with a few stage-2 steps)."""
+    return build_signal_llm(base_model(tokenizer), {m: copy.deepcopy(d) for m, d in decoders.items()},
+                            Stage2Config(**TINY_STAGE2))
+
+
+@pytest.fixture(scope="module")
+def tuned(stage2):
+    """(untouched stage-2 copy, LoRA-tuned model, history, LLM weights before tuning)."""
+    before = copy.deepcopy(stage2)
+    merge_signal_rows(before)  # a plain LLM, as the zoo's stage 2 is
+    model = prepare_stage3(copy.deepcopy(stage2), Stage3Config(**TINY_STAGE3))
+    weights = {n: p.detach().clone() for n, p in before.base.llm.named_parameters()}
+    history = train_stage3(model, Stage3Config(**TINY_STAGE3), World(seed=0), templates=IMAGE_TEMPLATES)
+    return before, model, history, weights
+
+
+def test_lora_trains_the_adapters_signal_rows_and_projections_and_nothing_else(tuned):
+    before, model, _, weights = tuned
+    llm = model.base.llm
+    trainable = {n for n, p in llm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable)
+    config, rows = llm.get_base_model().config, sum(len(ids) for ids in model.signals.values())
+    per_layer = 4 * 4 * (config.hidden_size + config.hidden_size)  # q, k, v, o: r (in + out) each, r=4
+    assert trainable_parameters(model)["llm trainable"] == config.num_hidden_layers * per_layer + 2 * rows * config.hidden_size
+    merged = copy.deepcopy(llm).merge_and_unload()
+    base = {n: p for n, p in llm.get_base_model().named_parameters() if "lora_" not in n and "trainable_tokens" not in n}
+    first_signal = min(i for ids in model.signals.values() for i in ids)
+    plain = dict(merged.named_parameters())
+    for name, value in weights.items():  # the frozen weights under the adapters did not move
+        if "embed_tokens" in name or "lm_head" in name:  # old rows unchanged, after merging the new ones in
+            assert torch.equal(plain[name][:first_signal], value[:first_signal]), name
+        else:
+            key = name.replace(".weight", ".base_layer.weight")
+            assert torch.equal(base[key if key in base else name], value), name
+    assert any(not torch.equal(p, weights[n]) for n, p in merged.named_parameters() if n in weights)
+    assert trainable_parameters(model)["projections trainable"] > 0
+
+
+def test_stage3_lowers_the_answer_loss_and_logs_every_term(tuned):
+    _, _, history, _ = tuned
+    assert "answer" in history.loss and any(name.endswith("alignment") for name in history.loss)
+    world = World(seed=0)
+    _, model, _, _ = tuned
+    before = tuned[0]
+    dialogues = make_dialogues(world, "train", 8, IMAGE_TEMPLATES, start=5000)
+    with torch.no_grad():
+        losses = [stage3_losses(m, *training_examples(m, world, dialogues), terms=("answer",))["answer"].item()
+                  for m in (before, model)]
+    assert losses[1] < losses[0]
+
+
+def test_merge_and_unload_gives_the_same_outputs_as_the_adapters(tuned):
+    _, model, _, _ = tuned
+    world = World(seed=0)
+    prompts, inputs, answers, _ = training_examples(model, world, make_dialogues(world, "test", 4, IMAGE_TEMPLATES))
+    with torch.no_grad():
+        _, out = model.read(prompts, inputs, answers)
+        merged = copy.deepcopy(model)
+        merged.base.llm = merged.base.llm.merge_and_unload()
+        _, plain = merged.read(prompts, inputs, answers)
+    assert type(merged.base.llm).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(out.logits, plain.logits, atol=1e-4)
+    assert torch.allclose(out.hidden_states[-1], plain.hidden_states[-1], atol=1e-4)
+
+
+def test_adapters_save_as_safetensors_and_load_to_the_same_outputs(tuned, tmp_path):
+    before, model, history, _ = tuned
+    save_stage3(model, history, Stage3Config(**TINY_STAGE3), tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+    loaded, _ = load_stage3(tmp_path, copy.deepcopy(before))
+    world = World(seed=0)
+    prompts, inputs, answers, _ = training_examples(model, world, make_dialogues(world, "test", 4, IMAGE_TEMPLATES))
+    with torch.no_grad():
+        assert torch.allclose(model.read(prompts, inputs, answers)[1].logits,
+                              loaded.read(prompts, inputs, answers)[1].logits, atol=1e-5)
+        assert torch.allclose(model.project("image", prompts[:2], inputs=inputs[:2]),
+                              loaded.project("image", prompts[:2], inputs=inputs[:2]), atol=1e-5)
+
+
+def test_run_dialogues_grades_every_turn_of_every_dialogue(tuned):
+    _, model, _, _ = tuned
+    world = World(seed=0)
+    dialogues = make_dialogues(world, "train", 6, ["describe-picture", "see-then-draw"])
+    records = run_dialogues(model, world, dialogues, max_new_tokens=4)
+    assert [len(r["turns"]) for r in records] == [len(d.turns) for d in dialogues]
+    for record in records:
+        assert record["success"] == all(t["text_ok"] and t["output_ok"] for t in record["turns"])
+        for turn in record["turns"]:
+            if turn["asked"] != turn["wanted"]:
+                assert not turn["text_ok"]
+
+
+def test_unknown_tuning_and_an_empty_run_are_refused(stage2):
+    with pytest.raises(ValueError, match="lora.*full.*frozen"):
+        prepare_stage3(copy.deepcopy(stage2), Stage3Config(tuning="qlora"))
+    frozen = prepare_stage3(copy.deepcopy(stage2), Stage3Config(tuning="frozen", projections=False))
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_stage3(frozen, Stage3Config(tuning="frozen", projections=False), World(seed=0), IMAGE_TEMPLATES)
+
+
+def test_full_scale_lora_is_nextgpts_size_on_the_meta_device():
+    from transformers import LlamaForCausalLM
+
+    llm_config = course_config.scale_config("llm", LLMConfig, "full")
+    stage3 = course_config.scale_config("stage3", Stage3Config, "full")
+    assert (stage3.lora.r, stage3.lora.alpha, stage3.lora.dropout) == (32, 32, 0.1)
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama_config(None, llm_config))
+        lora = add_lora(llm, stage3.lora)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert trainable == 32 * 4 * 32 * (4096 + 4096) == 33_554_432  # NExT-GPT: about 33.5M

@@ -27,6 +27,8 @@ answer starts is about the scene, not about what the user asked for.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import time
@@ -99,6 +101,11 @@ class Dialogue:
 def load_templates(path: Path | None = None) -> dict[str, dict[str, list]]:
     """``{"train": {name: [[user, answer], ...]}, "test": {...}}`` from the templates file, checked."""
     path = Path(path or data_file("dialogues", "templates.yaml"))
+    return copy.deepcopy(_read_templates(path, path.stat().st_mtime))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_templates(path: Path, modified: float) -> dict:  # read once per version of the file
     templates = yaml.safe_load(path.read_text())
     if not isinstance(templates, dict) or set(templates) != set(SPLITS):
         raise DialogueError(f"{path}: the file must have exactly the sections {', '.join(SPLITS)}")
@@ -330,7 +337,7 @@ class Stage3Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     projections: bool = True  # also train the input projection and the output projectors (NExT-GPT does)
     terms: tuple = ("answer", "alignment")  # + "generation": the denoising loss through the frozen UNets
-    steps: int = 300
+    steps: int = 450
     batch_size: int = 24  # dialogues per step (one to two turns each)
     lr: float = 3e-3  # peak learning rate of the LLM's trainable weights (one-cycle)
     projection_lr: float = 1e-3  # ... and of the projections

@@ -366,16 +366,22 @@ def prepare_stage3(model: SignalLLM, config: Stage3Config | None = None) -> Sign
     check_choice("stage-3 tuning", config.tuning, list(TUNINGS))
     course_config.seed_everything()
     merge_signal_rows(model)  # a stage-2 model still wrapped in its trainable rows: a plain LLM first
-    model.requires_grad_(False)
     if config.tuning == "lora":
         rows = [i for ids in model.signals.values() for i in ids] if config.lora.signal_rows else []
         model.base.llm = add_lora(model.base.llm, config.lora, rows)
-    elif config.tuning == "full":
-        model.base.llm.requires_grad_(True)
+    mark_trainable(model, config)
+    return model
+
+
+def mark_trainable(model: SignalLLM, config: Stage3Config) -> None:
+    """Set requires_grad on exactly what stage 3 trains: adapters (or the whole LLM) and the projections."""
+    model.requires_grad_(False)
+    for name, parameter in model.base.llm.named_parameters():
+        if config.tuning == "full" or (config.tuning == "lora" and ("lora_" in name or "trainable_tokens" in name)):
+            parameter.requires_grad_(True)
     if config.projections:
         model.base.projection.requires_grad_(True)
         model.projectors.requires_grad_(True)
-    return model
 
 
 def trainable_parameters(model: SignalLLM) -> dict[str, int]:
@@ -603,7 +609,7 @@ def load_stage3(folder: Path, stage2: SignalLLM | None = None) -> tuple[SignalLL
                                            if k.startswith("input_projection.")})
     model.projectors.load_state_dict({k.removeprefix("projectors."): v for k, v in state.items()
                                       if k.startswith("projectors.")})
-    model.requires_grad_(False)
+    mark_trainable(model, config)  # what stage 3 trained (trainable_parameters counts it); inference runs without grad
     return model.eval(), History(**record["history"])
 
 

@@ -155,6 +155,7 @@ def test_adapters_save_as_safetensors_and_load_to_the_same_outputs(tuned, tmp_pa
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     loaded, _ = load_stage3(tmp_path, copy.deepcopy(before))
+    assert trainable_parameters(loaded) == trainable_parameters(model)  # what stage 3 trained, counted again
     world = World(seed=0)
     prompts, inputs, answers, _ = training_examples(model, world, make_dialogues(world, "test", 4, IMAGE_TEMPLATES))
     with torch.no_grad():

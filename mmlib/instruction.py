@@ -322,7 +322,7 @@ def training_examples(model: SignalLLM, world: World, dialogues: list[Dialogue])
 class LoraSettings:
     """peft's LoraConfig fields the course sets (NExT-GPT: r=32, alpha=32, dropout 0.1 on q, k, v, o)."""
 
-    r: int = 8  # rank of each update B A; 8 of the tiny LLM's 128 dimensions (the rank sweep in notebook 06)
+    r: int = 8  # rank of each update B A, of the tiny LLM's 128 dimensions
     alpha: int = 16  # the update is scaled by alpha / r
     dropout: float = 0.0  # on the adapter's input; tiny data is fresh every step, so none is needed
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention: where the request is read

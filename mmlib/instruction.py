@@ -377,7 +377,7 @@ def mark_trainable(model: SignalLLM, config: Stage3Config) -> None:
     """Set requires_grad on exactly what stage 3 trains: adapters (or the whole LLM) and the projections."""
     model.requires_grad_(False)
     for name, parameter in model.base.llm.named_parameters():
-        if config.tuning == "full" or (config.tuning == "lora" and ("lora_" in name or "trainable_tokens" in name)):
+        if config.tuning == "full" or (config.tuning == "lora" and _is_adapter(name)):
             parameter.requires_grad_(True)
     if config.projections:
         model.base.projection.requires_grad_(True)
@@ -386,16 +386,16 @@ def mark_trainable(model: SignalLLM, config: Stage3Config) -> None:
 
 def trainable_parameters(model: SignalLLM) -> dict[str, int]:
     """Trainable and total parameters of the LLM and of the projections."""
-    llm = list(model.base.llm.parameters())
+    named = list(model.base.llm.named_parameters())
     projections = list(model.base.projection.parameters()) + list(model.projectors.parameters())
-    return {"llm trainable": sum(p.numel() for p in llm if p.requires_grad),
-            "llm total": sum(p.numel() for p in llm if not _is_adapter(p, model)),
+    return {"llm trainable": sum(p.numel() for _, p in named if p.requires_grad),
+            "llm total": sum(p.numel() for n, p in named if not _is_adapter(n)),  # the LLM's own weights
             "projections trainable": sum(p.numel() for p in projections if p.requires_grad)}
 
 
-def _is_adapter(parameter, model) -> bool:
-    adapters = {id(p) for n, p in model.base.llm.named_parameters() if "lora_" in n or "trainable_tokens" in n}
-    return id(parameter) in adapters
+def _is_adapter(name: str) -> bool:
+    """A parameter peft added: a LoRA matrix or a trainable-token row delta."""
+    return "lora_" in name or "trainable_tokens" in name
 
 
 def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("answer", "alignment"),

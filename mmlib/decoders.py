@@ -207,6 +207,11 @@ class Decoder:
         """Audio latents -> log-mel spectrograms (B, n_mels, frames), before the vocoder."""
         return from_vae("audio", decode(self.pipeline.vae, latents))
 
+    def freeze(self) -> None:
+        """Keep every part of the pipeline out of a later optimizer (lessons 5 and 6 train around it)."""
+        for part in ("unet", "text_encoder", "vae"):
+            getattr(self.pipeline, part).requires_grad_(False)
+
     # -- saving and loading: the pipeline's own safetensors folders plus decoder.json -----------
     def save(self, folder: Path) -> None:
         """The pipeline's own folders (safetensors), ``decoder.json`` and the training record."""
@@ -248,7 +253,49 @@ class Decoder:
         return cls(modality, pipeline, config)
 
 
+class DecoderText:
+    """A tiny decoder's frozen text encoder on its own: the states its UNet attends to, without the UNet.
+
+    Lesson 5's NLL and alignment terms, and lesson 6's, read nothing else of a decoder, so stages 2
+    and 3 can train against this while the UNets are still training (``make test`` does). It is
+    the text encoder `train_decoder` builds every tiny decoder on: lesson 1's, frozen.
+    """
+
+    def __init__(self, modality: str) -> None:
+        check_choice("decoder modality", modality, list(OUTPUTS))
+        self.modality = modality
+        self.text_encoder, self.tokenizer = tiny_text_encoder()
+
+    @property
+    def conditioning_shape(self) -> tuple[int, int]:
+        """(tokens, dim), as `Decoder.conditioning_shape`."""
+        return self.tokenizer.model_max_length, self.text_encoder.config.hidden_size
+
+    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """(B, tokens, dim): what the trained decoder's `prompt_embeds` gives for the same prompts."""
+        return prompt_states(self.text_encoder, self.tokenizer, list(prompts))
+
+    def freeze(self) -> None:
+        self.text_encoder.requires_grad_(False)
+
+
+def decoders_to_link(outputs, unets: bool) -> dict:
+    """The decoders stages 2 and 3 train against: whole when `unets` (the denoising term runs them)
+    or at full scale, else at tiny scale their text encoders alone (`DecoderText`)."""
+    linked = {}
+    for modality in outputs:
+        pretrained = course_config.scale_config(f"{modality}_decoder", CONFIGS[modality]).pretrained
+        linked[modality] = load_decoder(modality) if unets or pretrained else DecoderText(modality)
+    return linked
+
+
 # -- training the tiny decoders ---------------------------------------------------------------
+
+def tiny_text_encoder():
+    """(CLIPTextModel, tokenizer): lesson 1's text tower from the zoo, which the tiny decoders attend to."""
+    text = zoo.load("clip").encoders.towers["text"]
+    return text.transformer.eval(), text.tokenizer
+
 
 def training_latents(modality: str, vae: AutoencoderKL, world: World, scenes) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled posterior means and stds of the training scenes: (N, 4, h, w), or (N, 4, frames, h, w) for clips."""
@@ -336,8 +383,7 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
                                         image_decoder.pipeline.tokenizer)
     else:
         vae = vae or zoo.load(VAE_OF[modality])
-        text = text or zoo.load("clip").encoders.towers["text"]
-        text_encoder, tokenizer = text.transformer.eval(), text.tokenizer
+        text_encoder, tokenizer = (text.transformer.eval(), text.tokenizer) if text else tiny_text_encoder()
     scenes = world.scenes(world.split("train", config.unet.training_scenes))
     mean, std = training_latents(modality, vae, world, scenes)
     if modality == "video":

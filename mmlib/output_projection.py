@@ -45,7 +45,7 @@ from mmlib import zoo
 from mmlib.contrastive import History
 from mmlib.data import World
 from mmlib.data.world import check_choice
-from mmlib.decoders import OUTPUTS, Decoder, captioned_attributes, load_decoder, training_latents
+from mmlib.decoders import OUTPUTS, Decoder, captioned_attributes, decoders_to_link, load_decoder, training_latents
 from mmlib.diffusion import denoising_loss, noise_scheduler
 from mmlib.input_projection import MultimodalLLM, plot_sequence
 from mmlib.llm import PROMPT, canonical_caption
@@ -232,8 +232,7 @@ class SignalLLM(nn.Module):
         self.base, self.signals, self.projectors = base, signals, nn.ModuleDict(projectors)
         self.decoders = decoders  # frozen; not submodules, so their weights stay out of this model's state
         for decoder in decoders.values():
-            for part in ("unet", "text_encoder", "vae"):
-                getattr(decoder.pipeline, part).requires_grad_(False)
+            decoder.freeze()
 
     @property
     def outputs(self) -> list[str]:
@@ -538,10 +537,13 @@ def load_stage2(folder: Path, base: MultimodalLLM | None = None,
     return model.eval(), History(**record["history"])
 
 
-@zoo.entry("stage2", load=load_stage2, description="stage 1 + signal tokens + output projectors to the three decoders",
+@zoo.entry("stage2", load=load_stage2, version=2, description="stage 1 + signal tokens + output projectors to the three decoders",
            lesson="05_signal_tokens_and_output_projection.ipynb")
 def _train_zoo_stage2(folder: Path) -> None:
     config = course_config.scale_config("stage2", Stage2Config)
-    model = build_signal_llm(zoo.load("stage1")[0], {m: load_decoder(m) for m in config.outputs}, config)
+    # Without the denoising term only the decoders' text encoders take part, so at tiny scale stage 2
+    # trains while the UNets still train (the saved projectors then load over the whole decoders).
+    decoders = decoders_to_link(config.outputs, unets="generation" in config.terms)
+    model = build_signal_llm(zoo.load("stage1")[0], decoders, config)
     history = train_stage2(model, config)
     save_stage2(model, history, config, folder)

@@ -151,3 +151,23 @@ def test_video_decoder_is_the_image_decoder_inflated_and_trains_only_time(decode
         assert torch.equal(value.reshape(video[name].shape), video[name]), name
     temporal_out = [value for name, value in video.items() if "temp_attentions" in name and "proj_out.weight" in name]
     assert temporal_out and all(value.abs().sum() > 0 for value in temporal_out)  # zero at inflation, trained since
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_decoder_text_is_what_the_zoo_decoder_attends_to(modality):
+    # Stages 2 and 3 train against DecoderText while the UNets train: it must give exactly the
+    # trained decoder's conditioning, or the saved projectors would not fit the decoder they load over.
+    from mmlib import zoo
+    from mmlib.decoders import DecoderText
+
+    prompts = ["a large red circle in the top left", "a quiet low hum moving leftward, small and blue"]
+    text, decoder = DecoderText(modality), zoo.load(f"{modality}-decoder")
+    assert text.conditioning_shape == decoder.conditioning_shape
+    assert torch.equal(text.prompt_embeds(prompts), decoder.prompt_embeds(prompts))
+
+
+def test_stages_link_to_text_encoders_alone_unless_the_unets_run():
+    from mmlib.decoders import DecoderText, decoders_to_link
+
+    assert isinstance(decoders_to_link(["image"], unets=False)["image"], DecoderText)
+    assert isinstance(decoders_to_link(["image"], unets=True)["image"], Decoder)

@@ -24,12 +24,13 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # threads than cores; two workers of two threads each on two cores made make test three times
 # slower (12.7 min instead of 3.9, measured), as OpenMP threads fight for the cores.
 LATE_A ?= notebooks/03_diffusion_decoders.ipynb
-LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb
+LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb
 EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
-PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1
-PREBUILT_B ?= image-vae image-decoder video-decoder stage2
+# Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the UNets.
+PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1 stage2 stage3
+PREBUILT_B ?= image-vae image-decoder video-decoder
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -53,8 +54,8 @@ lab: venv
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
 # Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
 # tests, the doctests and the early notebooks, then LATE_A. Meanwhile B trains PREBUILT_B (the
-# decoders and stage 2; image-decoder waits for A's clip, stage2 for A's stage1), then runs
-# LATE_B. Tests and notebooks share the cache instead of each waiting on another's lock.
+# decoders; image-decoder waits for A's clip), then runs LATE_B. Tests and notebooks share the
+# cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
 	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=1 && \

@@ -28,9 +28,10 @@ LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lo
 EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
-# Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the UNets.
-PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1 stage2 stage3
-PREBUILT_B ?= image-vae image-decoder video-decoder
+# Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the
+# UNets; lesson 6's frozen-LLM run goes to B, which has the shorter road to its notebooks.
+PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1 stage2 stage3 stage3-full
+PREBUILT_B ?= image-vae image-decoder video-decoder stage3-frozen
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -54,8 +55,8 @@ lab: venv
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
 # Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
 # tests, the doctests and the early notebooks, then LATE_A. Meanwhile B trains PREBUILT_B (the
-# decoders; image-decoder waits for A's clip), then runs LATE_B. Tests and notebooks share the
-# cache instead of each waiting on another's lock.
+# decoders; image-decoder waits for A's clip, stage3-frozen for A's stage2), then runs LATE_B.
+# Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
 	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=1 && \

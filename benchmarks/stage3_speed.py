@@ -20,7 +20,8 @@ from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.encoders import ConvEncoderConfig, build_encoders, tower_spec
 from mmlib.input_projection import InputProjectionConfig, build_multimodal_llm
-from mmlib.instruction import LoraSettings, Stage3Config, add_lora, prepare_stage3, train_stage3, trainable_parameters
+from mmlib.instruction import (LoraSettings, Stage3Config, add_lora, peak_resident_gib, prepare_stage3, reset_peak,
+                               train_stage3, trainable_parameters)
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm, llama_config
 from mmlib.output_projection import Stage2Config, build_signal_llm, merge_signal_rows
 from mmlib.tokenizer import train_tokenizer
@@ -34,20 +35,6 @@ STEPS = 10
 def state_mib(total: int, trainable: int) -> float:
     """fp32 weights of everything, plus a gradient and AdamW's two moments per trainable parameter."""
     return (4 * total + 12 * trainable) / 2**20
-
-
-def peak_resident_gib() -> float:
-    """The process's peak resident memory since the last `reset_peak` (Linux's VmHWM)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def reset_peak() -> None:
-    """Start measuring the peak afresh (a forked process starts with its parent's peak)."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def run(tuning: str, model, world, queue) -> None:
@@ -81,7 +68,7 @@ def main() -> None:
         total = counts["llm total"] + counts["projections trainable"]
         print(f"{name:6s}: {step:.3f} s/step; LLM trainable {counts['llm trainable']:,} ({llm_share:.1%}), "
               f"projections {counts['projections trainable']:,}; training state {state_mib(total, trainable):.1f} MiB; "
-              f"peak memory {peak:.2f} GiB")
+              + (f"peak memory {peak:.2f} GiB" if peak is not None else "peak memory: not measured here"))
 
     full_llm = course_config.scale_config("llm", LLMConfig, "full")
     lora = course_config.scale_config("stage3", Stage3Config, "full").lora

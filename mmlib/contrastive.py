@@ -75,6 +75,7 @@ class History:
     temperature: dict[str, list[float]] = field(default_factory=dict)
     evaluations: list[dict] = field(default_factory=list)  # {"step": s, metric: value, ...}
     seconds: float = 0.0
+    peak_memory_gib: float | None = None  # the process's peak resident memory while training, where measured
 
     @property
     def steps(self) -> int:

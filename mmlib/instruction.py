@@ -615,17 +615,37 @@ def load_stage3(folder: Path, stage2: SignalLLM | None = None) -> tuple[SignalLL
     return model.eval(), History(**record["history"])
 
 
+def peak_resident_gib() -> float | None:
+    """The process's peak resident memory (GiB) since the last `reset_peak`: Linux's VmHWM, else None."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 2**20 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak() -> None:
+    """Start measuring the peak afresh, from the memory in use now (Linux; elsewhere nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def _train_into(folder: Path, config: Stage3Config) -> None:
     # As stage 2: without the denoising term, the decoders' text encoders are all stage 3 needs.
     decoders = decoders_to_link(OUTPUTS, unets="generation" in config.terms)
     model = prepare_stage3(load_stage2(zoo.ensure("stage2"), decoders=decoders)[0], config)
+    reset_peak()
     start = time.perf_counter()
     history = train_stage3(model, config)
     history.seconds = time.perf_counter() - start
+    history.peak_memory_gib = peak_resident_gib()
     save_stage3(model, history, config, folder)
 
 
-@zoo.entry("stage3", load=load_stage3, version=2, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
+@zoo.entry("stage3", load=load_stage3, version=3, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
            lesson="06_lora_instruction_tuning.ipynb")
 def _train_zoo_stage3(folder: Path) -> None:
     _train_into(folder, course_config.scale_config("stage3", Stage3Config))
@@ -640,7 +660,7 @@ def _tuning_entry(name: str, changes: dict) -> None:
     def train(folder: Path) -> None:
         _train_into(folder, replace(course_config.scale_config("stage3", Stage3Config), **changes))
 
-    zoo.entry(f"stage3-{name}", load=load_stage3, description=f"the zoo's stage 3 with {changes}",
+    zoo.entry(f"stage3-{name}", load=load_stage3, version=2, description=f"the zoo's stage 3 with {changes}",
               lesson="06_lora_instruction_tuning.ipynb")(train)
 
 

@@ -197,3 +197,16 @@ def test_full_scale_lora_is_nextgpts_size_on_the_meta_device():
         lora = add_lora(llm, stage3.lora)
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trainable == 32 * 4 * 32 * (4096 + 4096) == 33_554_432  # NExT-GPT: about 33.5M
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux's /proc only")
+def test_peak_memory_measures_what_training_allocates_after_a_reset():
+    from mmlib.instruction import peak_resident_gib, reset_peak
+
+    reset_peak()
+    before = peak_resident_gib()
+    block = torch.ones(64, 2**20)  # 256 MiB, touched
+    during = peak_resident_gib()
+    del block
+    reset_peak()
+    assert during - before > 0.2 and peak_resident_gib() < during

@@ -261,10 +261,10 @@ class DecoderText:
     the text encoder `train_decoder` builds every tiny decoder on: lesson 1's, frozen.
     """
 
-    def __init__(self, modality: str) -> None:
+    def __init__(self, modality: str, text=None) -> None:
         check_choice("decoder modality", modality, list(OUTPUTS))
         self.modality = modality
-        self.text_encoder, self.tokenizer = tiny_text_encoder()
+        self.text_encoder, self.tokenizer = text or tiny_text_encoder()  # (CLIPTextModel, tokenizer)
 
     @property
     def conditioning_shape(self) -> tuple[int, int]:
@@ -282,10 +282,13 @@ class DecoderText:
 def decoders_to_link(outputs, unets: bool) -> dict:
     """The decoders stages 2 and 3 train against: whole when `unets` (the denoising term runs them)
     or at full scale, else at tiny scale their text encoders alone (`DecoderText`)."""
-    linked = {}
+    linked, text = {}, None
     for modality in outputs:
-        pretrained = course_config.scale_config(f"{modality}_decoder", CONFIGS[modality]).pretrained
-        linked[modality] = load_decoder(modality) if unets or pretrained else DecoderText(modality)
+        if unets or course_config.scale_config(f"{modality}_decoder", CONFIGS[modality]).pretrained:
+            linked[modality] = load_decoder(modality)
+        else:
+            text = text or tiny_text_encoder()  # loaded once: every tiny decoder attends to the same tower
+            linked[modality] = DecoderText(modality, text)
     return linked
 
 

@@ -454,8 +454,8 @@ def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: Wo
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                    total_steps=config.steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(course_config.seed())
-    schedulers = {m: noise_scheduler(model.decoders[m].config.unet.prediction_type) for m in model.outputs
-                  if "generation" in config.terms}
+    schedulers = ({m: noise_scheduler(model.decoders[m].config.unet.prediction_type) for m in model.outputs}
+                  if "generation" in config.terms else {})  # DecoderText has no UNet, nor needs a scheduler
     history = History()
     model.eval()  # frozen parts keep inference behaviour (LoRA dropout, if any, is the adapters' own)
     if config.tuning == "lora" and config.lora.dropout > 0:

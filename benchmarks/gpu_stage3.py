@@ -34,9 +34,10 @@ from mmlib.input_projection import InputProjection, Stage1Config
 from mmlib.instruction import Stage3Config, add_lora
 from mmlib.llm import LLMConfig
 from mmlib.output_projection import Stage2Config, caption_alignment_loss, projector_for
+from mmlib.train import ENCODER_DIM as TRAIN_ENCODER_DIM
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s (SXM)
-ENCODER_DIM = {"full": 1024, "tiny": 64}  # ImageBind-Huge's embedding; the tiny encoders'
+ENCODER_DIM = {"full": TRAIN_ENCODER_DIM, "tiny": 64}  # ImageBind-Huge's embedding; the tiny encoders'
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, checkpointing: bool):

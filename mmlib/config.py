@@ -3,11 +3,12 @@
 Introduced in `00_tour.ipynb`. Every notebook and every zoo entry reads these three settings
 from here, so one environment variable changes them everywhere:
 
-- ``MMLIB_SCALE``: ``tiny`` (default; laptop CPU and CI), ``small`` (a Colab GPU) or ``full``
-  (real checkpoints on real GPUs);
+- ``MMLIB_SCALE``: ``tiny`` (default without a GPU; laptop CPU and CI), ``small`` (default with a
+  CUDA GPU, e.g. Colab's T4) or ``full`` (real checkpoints on real GPUs);
 - ``MMLIB_SEED``: an integer, default 0; every random thing in the course flows from it;
 - ``MMLIB_DEVICE``: optional override of the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
-- ``MMLIB_PROGRESS``: ``0`` hides progress bars (default: shown).
+- ``MMLIB_PROGRESS``: ``0`` hides progress bars (default: shown);
+- ``MMLIB_CONFIG_FILE``: optional YAML file read instead of ``configs/<scale>.yaml``.
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ T = TypeVar("T")
 
 
 def scale() -> str:
-    """The course scale from ``MMLIB_SCALE`` (default ``tiny``), checked against `SCALES`."""
-    return check_scale(os.environ.get("MMLIB_SCALE", DEFAULT_SCALE))
+    """The course scale from ``MMLIB_SCALE``, checked against `SCALES`.
+
+    Unset, it is ``small`` where a CUDA GPU is present (a Colab T4 trains the small configs) and
+    ``tiny`` elsewhere; set ``MMLIB_SCALE=tiny`` to run the CI's scale on a GPU.
+    """
+    default = "small" if torch.cuda.is_available() and not os.environ.get("MMLIB_DEVICE", "").startswith("cpu") \
+        else DEFAULT_SCALE
+    return check_scale(os.environ.get("MMLIB_SCALE", default))
 
 
 def check_scale(name: str) -> str:
@@ -137,6 +144,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SECTIONS: dict[str, type] = {}
 
 
+CHECKS: list = []  # functions (scale name) -> None that raise on sizes that do not fit across sections
+
+
+def register_check(check):
+    """Declare a check across sections (a projector's output against its decoder's input, ...)."""
+    CHECKS.append(check)
+    return check
+
+
 def register_section(name: str, cls: type) -> type:
     """Declare that ``configs/<scale>.yaml`` may hold a section `name` shaped like dataclass `cls`."""
     SECTIONS[name] = cls
@@ -147,6 +163,10 @@ def _read_scale_file(scale_name: str) -> dict:
     import yaml
 
     path = CONFIG_DIR / f"{check_scale(scale_name)}.yaml"
+    if os.environ.get("MMLIB_CONFIG_FILE"):  # a practitioner's own file in place of configs/<scale>.yaml
+        path = Path(os.environ["MMLIB_CONFIG_FILE"])
+        if not path.is_file():
+            raise FileNotFoundError(f"MMLIB_CONFIG_FILE={path} is not a file")
     if not path.exists():
         return {}
     data = yaml.safe_load(path.read_text()) or {}
@@ -163,7 +183,7 @@ def scale_config(section: str, cls: type[T], scale_name: str | None = None) -> T
 
 
 def check_config_file(scale_name: str) -> None:
-    """Validate every section of ``configs/<scale>.yaml``; unknown sections or keys raise."""
+    """Validate every section of ``configs/<scale>.yaml``: unknown sections or keys, and sizes that do not fit, raise."""
     import importlib
 
     import mmlib
@@ -174,3 +194,5 @@ def check_config_file(scale_name: str) -> None:
         if section not in SECTIONS:
             raise ValueError(f"{scale_name}.yaml: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")
         make_config(SECTIONS[section], values or {}, path=f"{scale_name}.yaml:{section}")
+    for check in CHECKS:
+        check(scale_name)

@@ -279,6 +279,31 @@ class DecoderText:
         self.text_encoder.requires_grad_(False)
 
 
+# What the published decoders attend to, (tokens, dim), so a config can be checked without a download.
+KNOWN_CONDITIONING = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": (77, 768),  # CLIP ViT-L/14 token states
+    "runwayml/stable-diffusion-v1-5": (77, 768),
+    "cvssp/audioldm-s-full-v2": (1, 512),  # one CLAP text embedding
+    "cerspense/zeroscope_v2_576w": (77, 1024),  # OpenCLIP ViT-H/14 token states
+}
+
+
+def conditioning_shape(modality: str, scale_name: str | None = None) -> tuple[int, int] | None:
+    """(tokens, dim) the scale's `modality` decoder attends to, from the config alone.
+
+    A tiny decoder attends to lesson 1's text tower: (its max_length, its hidden_size). A
+    pretrained one: `KNOWN_CONDITIONING`, or None for a checkpoint not in it (checked on load).
+    """
+    from mmlib.clip import ClipConfig
+
+    check_choice("decoder modality", modality, list(OUTPUTS))
+    config = course_config.scale_config(f"{modality}_decoder", CONFIGS[modality], scale_name)
+    if config.pretrained:
+        return KNOWN_CONDITIONING.get(config.pretrained)
+    text = course_config.scale_config("clip", ClipConfig, scale_name).text
+    return text.max_length, text.hidden_size
+
+
 def decoders_to_link(outputs, unets: bool) -> dict:
     """The decoders stages 2 and 3 train against: whole when `unets` (the denoising term runs them)
     or at full scale, else at tiny scale their text encoders alone (`DecoderText`)."""

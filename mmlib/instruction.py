@@ -401,12 +401,14 @@ def _is_adapter(name: str) -> bool:
 
 def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("answer", "alignment"),
                   latents: dict | None = None, schedulers: dict | None = None,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None, counts: dict | None = None) -> dict[str, torch.Tensor]:
     """L(Encoder-Decoder) on a batch of turns: answer cross-entropy, then lesson 5's terms per output.
 
     The cross-entropy scores every answer token; after an output's signal tokens the ``</s>`` is
     not scored (lesson 5: its state is the one the projector reads). `latents[m]` holds clean
-    latents of the first turns asking for output `m`, for the generation term.
+    latents of the first turns asking for output `m`, for the generation term. A `counts` dict is
+    filled with what each term averages over (scored tokens, turns, latents): data parallelism
+    (`mmlib.train`) weighs each process's terms by them.
     """
     batch, out = model.read(prompts, inputs, answers)
     labels = batch["labels"]
@@ -416,6 +418,8 @@ def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("ans
     parts = {}
     if "answer" in terms:
         parts["answer"] = signal_nll(out.logits, scored)
+        if counts is not None:
+            counts["answer"] = int((scored[:, 1:] != -100).sum())  # the positions signal_nll scores
     for modality in OUTPUTS:
         rows = [i for i, turn in enumerate(turns) if turn.output == modality]
         if not rows or not ({"alignment", "generation"} & set(terms)):
@@ -430,10 +434,26 @@ def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("ans
             targets = [canonical_caption(turns[i].values, captioned_attributes(modality)) for i in rows]
             text_states = decoder.prompt_embeds(targets)
             parts[f"{modality} alignment"] = caption_alignment_loss(projected, text_states.view(projected.shape))
+            if counts is not None:
+                counts[f"{modality} alignment"] = len(rows)
         if "generation" in terms and latents and modality in latents:
             z = latents[modality]
             parts[f"{modality} generation"] = generation_loss(decoder, schedulers[modality], projected[: len(z)], z, generator)
+            if counts is not None:
+                counts[f"{modality} generation"] = len(z)
     return parts
+
+
+def stage3_groups(model: SignalLLM, config: Stage3Config) -> list[dict]:
+    """The optimizer's parameter groups of stage 3: the LLM's trainable weights, then the projections."""
+    llm = [p for p in model.base.llm.parameters() if p.requires_grad]
+    projections = [p for p in list(model.base.projection.parameters()) + list(model.projectors.parameters())
+                   if p.requires_grad]
+    groups = [g for g in ({"params": llm, "lr": config.lr}, {"params": projections, "lr": config.projection_lr})
+              if g["params"]]
+    if not groups:
+        raise ValueError("nothing to train: tuning 'frozen' with projections=False leaves no trainable parameter")
+    return groups
 
 
 def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: World | None = None,
@@ -443,13 +463,7 @@ def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: Wo
     world = world or World()
     for term in config.terms:
         check_choice("L(Encoder-Decoder) term", term, list(TERMS))
-    llm = [p for p in model.base.llm.parameters() if p.requires_grad]
-    projections = [p for p in list(model.base.projection.parameters()) + list(model.projectors.parameters())
-                   if p.requires_grad]
-    groups = [g for g in ({"params": llm, "lr": config.lr}, {"params": projections, "lr": config.projection_lr})
-              if g["params"]]
-    if not groups:
-        raise ValueError("nothing to train: tuning 'frozen' with projections=False leaves no trainable parameter")
+    groups = stage3_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                    total_steps=config.steps, pct_start=0.05)

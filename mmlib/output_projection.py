@@ -45,7 +45,8 @@ from mmlib import zoo
 from mmlib.contrastive import History
 from mmlib.data import World
 from mmlib.data.world import check_choice
-from mmlib.decoders import OUTPUTS, Decoder, captioned_attributes, decoders_to_link, load_decoder, training_latents
+from mmlib.decoders import (CONFIGS, OUTPUTS, Decoder, captioned_attributes, decoders_to_link, load_decoder,
+                            training_latents)
 from mmlib.diffusion import denoising_loss, noise_scheduler
 from mmlib.input_projection import MultimodalLLM, plot_sequence
 from mmlib.llm import PROMPT, canonical_caption
@@ -424,6 +425,22 @@ def check_conditioning(config: Stage2Config, modality: str, shape: tuple[int, in
                          f"attends to {tuple(shape)} (tokens, dim): an output projector of that size would not fit it")
 
 
+@course_config.register_check
+def check_projector_sizes(scale_name: str) -> None:
+    """Raise if ``stage2.conditioning`` gives an output projector a size its decoder cannot take."""
+    from mmlib.decoders import conditioning_shape
+
+    config = course_config.scale_config("stage2", Stage2Config, scale_name)
+    for modality, recorded in config.conditioning.items():
+        expected = conditioning_shape(modality, scale_name)
+        if expected is not None and tuple(recorded) != tuple(expected):
+            decoder = course_config.scale_config(f"{modality}_decoder", CONFIGS[modality], scale_name)
+            source = decoder.pretrained or "lesson 1's text tower (clip.text: max_length, hidden_size)"
+            raise ValueError(f"{scale_name}.yaml:stage2.conditioning.{modality} is {list(recorded)}, but the "
+                             f"{modality} decoder ({source}) attends to {list(expected)} (tokens, dim): "
+                             f"set it to {list(expected)}")
+
+
 def build_signal_llm(base: MultimodalLLM, decoders: dict[str, Decoder], config: Stage2Config | None = None) -> SignalLLM:
     """Give stage 1's model signal tokens (only their rows trainable) and one projector per decoder."""
     config = config or course_config.scale_config("stage2", Stage2Config)
@@ -441,17 +458,35 @@ def build_signal_llm(base: MultimodalLLM, decoders: dict[str, Decoder], config: 
     return SignalLLM(base, signals, projectors, decoders)
 
 
+def stage2_groups(model: SignalLLM, config: Stage2Config) -> list[dict]:
+    """The optimizer's parameter groups of stage 2: projectors, signal rows of the embedding, of the LM head."""
+    trainable = [(n, p) for n, p in model.base.llm.named_parameters() if p.requires_grad]
+    head = [p for n, p in trainable if "lm_head" in n]  # peft's trainable rows of the LM head
+    rows = [p for n, p in trainable if "lm_head" not in n]  # ... and of the input embedding
+    return [{"params": list(model.projectors.parameters()), "lr": config.lr},
+            {"params": rows, "lr": config.row_lr}, {"params": head, "lr": config.head_lr}]
+
+
+def stage2_requests(world: World, batch, modality: str, step: int) -> tuple[list[str], list[str]]:
+    """Captions to ask `modality` of, and the canonical captions the projector aligns to, for `batch` scenes."""
+    among = captioned_attributes(modality)
+    # Half the requests describe what this output can show, half the whole scene: trained on
+    # the first kind alone, the LM-head rows learn "a caption with a position asks for a
+    # picture" and answer a sound request about a full caption with [IMG0].
+    half = len(batch) // 2
+    captions = (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
+                + world.captions(batch[half:], variant=step, mention="all")[0])
+    targets = [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
+    return captions, targets
+
+
 def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: World | None = None) -> History:
     """Train the output projectors and the signal tokens' rows on the terms in `config.terms`."""
     config = config or course_config.scale_config("stage2", Stage2Config)
     world = world or World()
     for term in config.terms:
         check_choice("L(LLM-Decoder) term", term, list(TERMS))
-    trainable = [(n, p) for n, p in model.base.llm.named_parameters() if p.requires_grad]
-    head = [p for n, p in trainable if "lm_head" in n]  # peft's trainable rows of the LM head
-    rows = [p for n, p in trainable if "lm_head" not in n]  # ... and of the input embedding
-    groups = [{"params": list(model.projectors.parameters()), "lr": config.lr},
-              {"params": rows, "lr": config.row_lr}, {"params": head, "lr": config.head_lr}]
+    groups = stage2_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
                                                    total_steps=config.steps, pct_start=0.05)
@@ -469,15 +504,7 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
         total = 0.0
         for modality in config.outputs:
             rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
-            batch = scenes[rows.numpy()]
-            among = captioned_attributes(modality)
-            # Half the requests describe what this output can show, half the whole scene: trained on
-            # the first kind alone, the LM-head rows learn "a caption with a position asks for a
-            # picture" and answer a sound request about a full caption with [IMG0].
-            half = len(batch) // 2
-            captions = (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
-                        + world.captions(batch[half:], variant=step, mention="all")[0])
-            targets = [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
+            captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, step)
             z = None
             if "generation" in config.terms:
                 k = config.generation_batch[modality]

@@ -9,8 +9,13 @@ from mmlib import config
 def test_defaults(monkeypatch):
     monkeypatch.delenv("MMLIB_SCALE", raising=False)
     monkeypatch.delenv("MMLIB_SEED", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert config.scale() == "tiny"
     assert config.seed() == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a Colab GPU: the small configs
+    assert config.scale() == "small"
+    monkeypatch.setenv("MMLIB_SCALE", "tiny")
+    assert config.scale() == "tiny"
 
 
 def test_scale_and_seed_from_environment(monkeypatch):

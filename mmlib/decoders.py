@@ -278,6 +278,10 @@ class DecoderText:
     def freeze(self) -> None:
         self.text_encoder.requires_grad_(False)
 
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"this {self.modality} decoder is its text encoder alone (DecoderText, what stages 2 and 3 "
+                        f"train against): it cannot generate; load the whole decoder with load_decoder({self.modality!r})")
+
 
 # What the published decoders attend to, (tokens, dim), so a config can be checked without a download.
 KNOWN_CONDITIONING = {
@@ -392,7 +396,8 @@ def snapshot_prompts(modality: str, world: World, count: int = 6) -> tuple[list[
 
 
 def train_decoder(modality: str, config: DecoderConfig | None = None, world: World | None = None,
-                  vae: AutoencoderKL | None = None, text=None, image_decoder: Decoder | None = None) -> Decoder:
+                  vae: AutoencoderKL | None = None, text=None, image_decoder: Decoder | None = None,
+                  latents: tuple | None = None) -> Decoder:
     """Train a tiny decoder on the world: latents from the (frozen) VAE, text from lesson 1's encoder.
 
     `text` is a `TextEncoder` (defaults to the zoo's ``clip`` text tower); its CLIPTextModel and
@@ -401,6 +406,8 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
     then shares its VAE and text encoder.
     The losses of every step are kept in ``decoder.losses``, and samples of `snapshot_prompts`
     at the config's snapshot steps and at the end in ``decoder.snapshots`` ({step: batch}).
+    `latents` are the training scenes' (mean, std) as `training_latents` gives them, to share
+    between runs on the same data (computed when None).
     """
     check_choice("decoder modality", modality, list(OUTPUTS))
     world = world or World()
@@ -413,7 +420,9 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
         vae = vae or zoo.load(VAE_OF[modality])
         text_encoder, tokenizer = (text.transformer.eval(), text.tokenizer) if text else tiny_text_encoder()
     scenes = world.scenes(world.split("train", config.unet.training_scenes))
-    mean, std = training_latents(modality, vae, world, scenes)
+    mean, std = latents if latents is not None else training_latents(modality, vae, world, scenes)
+    if len(mean) != len(scenes):
+        raise ValueError(f"latents hold {len(mean)} scenes, but config.unet.training_scenes is {len(scenes)}")
     if modality == "video":
         unet = inflate(image_decoder.pipeline.unet)
         # Only the optimizer is told which to update: freezing the rest with requires_grad=False

@@ -101,6 +101,10 @@ class StageStep(nn.Module):
 
         return stage3_groups(self.model, self.config)
 
+    @property
+    def device(self) -> torch.device:
+        return next(p for p in self.parameters() if p.requires_grad).device
+
     def generator(self, step: int) -> torch.Generator:
         """The same random draws on every process, and on a resumed run, for step `step`."""
         return torch.Generator().manual_seed(course_config.seed() * 1_000_003 + step)
@@ -134,7 +138,7 @@ class StageStep(nn.Module):
             if "generation" in config.terms:
                 k = max(1, config.generation_batch[modality] * count // config.batch_size)
                 mean, std = training_latents(modality, self.model.decoders[modality].pipeline.vae, world, batch[:k])
-                z = mean + std * torch.randn(mean.shape, generator=generator)
+                z = (mean + std * torch.randn(mean.shape, generator=generator)).to(self.device)
             # request(..., variant + i) phrases example i: `step + start` phrases this share as in the whole batch
             terms = self.model.losses(modality, captions, targets, z, self.schedulers.get(modality), config.terms,
                                       step + start, generator)
@@ -151,6 +155,7 @@ class StageStep(nn.Module):
         latents = None
         if "generation" in config.terms:
             latents = _turn_latents(self.model, world, dialogues, config.generation_batch, generator)
+            latents = {m: z.to(self.device) for m, z in latents.items()}
         counts = {}
         parts = stage3_losses(self.model, prompts, inputs, answers, turns, config.terms, latents, self.schedulers,
                               generator, counts)

@@ -46,3 +46,12 @@ def decoders(text, vaes):
                for modality in ("image", "audio")}
     trained["video"] = train_decoder("video", tiny_config("video"), world, image_decoder=trained["image"])
     return trained
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`python -m mmlib.train --stage 1 2 3 --steps 3` in one process, once per session: (folder, histories)."""
+    from mmlib.train import run_stages
+
+    folder = tmp_path_factory.mktemp("run")
+    return folder, run_stages([1, 2, 3], folder, steps=3)

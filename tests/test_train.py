@@ -17,7 +17,7 @@ from torch import nn
 
 from mmlib import config as course_config
 from mmlib.contrastive import History
-from mmlib.train import TrainConfig, load_checkpoint, run, run_stages, save_checkpoint, stage_sizes, use_config
+from mmlib.train import TrainConfig, load_checkpoint, run, save_checkpoint, stage_sizes, use_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = {1: "stage1.json", 2: "stage2.json", 3: "stage3.json"}
@@ -32,13 +32,13 @@ def quiet(monkeypatch):
     monkeypatch.setenv("MMLIB_PROGRESS", "0")
 
 
-def test_two_processes_take_the_same_steps_as_one(tmp_path):
+def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_run):
     """accelerate launch with 2 CPU processes, each on half of every global batch, against one process.
 
     Tolerance: 1e-4 relative on every step's loss (measured: 1e-7; the two runs differ only in the
     order of float sums). Stage 3's terms average over uneven shares and are weighted to match.
     """
-    run_stages([1, 2, 3], tmp_path / "one", steps=3)
+    one_run = tiny_run[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLIB_DEVICE": "cpu"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "mmlib.train", "--stage", "1", "2", "3",
@@ -47,11 +47,10 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stage 3: 3 steps" in done.stdout
     for stage in (1, 2, 3):
-        one, two = curve(tmp_path / "one", stage), curve(tmp_path / "two", stage)
+        one, two = curve(one_run, stage), curve(tmp_path / "two", stage)
         assert len(one) == len(two) == 3
         assert one == pytest.approx(two, rel=1e-4), (stage, one, two)
-    assert curve(tmp_path / "one", 3, "video alignment") == pytest.approx(curve(tmp_path / "two", 3, "video alignment"),
-                                                                          rel=1e-4)
+    assert curve(one_run, 3, "video alignment") == pytest.approx(curve(tmp_path / "two", 3, "video alignment"), rel=1e-4)
 
 
 def test_gradient_accumulation_takes_the_same_steps(tmp_path):

@@ -1,0 +1,149 @@
+"""The finished model as one object: interleaved inputs in; text, pictures, sounds and clips out.
+
+What a learner uses after the course. It wraps the stage-3 model (`SignalLLM`: encoders, input
+projection, LLM with LoRA, signal tokens, output projectors, decoders) behind one call, and keeps
+the conversation, so a later turn can refer to an earlier input ("now make it blue"):
+
+    >>> from mmlib.anytoany import AnyToAny
+    >>> from mmlib.data import World
+    >>> model = AnyToAny.from_zoo()  # lesson 6's tuned model (trained on first use, then cached)
+    >>> model.inputs, model.outputs
+    (['image', 'audio', 'video', 'depth', 'thermal', 'imu'], ['image', 'audio', 'video'])
+    >>> world = World()
+    >>> scene = world.scenes(world.split("test", 1))
+    >>> reply = model([("audio", world.render("audio", scene)[0]), "describe this sound."])
+    >>> reply.asked is None, sorted(reply.outputs)  # a text answer
+    (True, [])
+    >>> reply = model(["now draw it."], reply.conversation)  # the sound of turn 1, drawn
+    >>> reply.asked, tuple(reply.outputs["image"].shape)  # a picture in the world's format
+    ('image', (3, 32, 32))
+
+Parts are strings, or ``(modality, data)`` with data one item in the world's format for that
+modality (an image (3, 32, 32) in [0, 1], a waveform or log-mel, a clip (8, 3, 32, 32), ...):
+each input becomes its placeholder (``<image>``) where it stands in the text. Full scale works
+the same on a run of ``python -m mmlib.train`` (`AnyToAny.from_run`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmlib import zoo
+from mmlib.tokenizer import MODALITY_TOKENS
+
+
+@dataclass
+class Conversation:
+    """What the model has been told and answered: (user text, answer with signal tokens), and the inputs."""
+
+    turns: list = field(default_factory=list)  # [(user text with placeholders, the model's answer)]
+    inputs: list = field(default_factory=list)  # [(modality, encoder embedding (D,))], in order of appearance
+
+
+@dataclass
+class Reply:
+    """One answer: its text, the output the LLM asked for (or None) and what the decoder made of it."""
+
+    text: str
+    asked: str | None
+    outputs: dict  # {modality: tensor}: a picture (3, H, W), a waveform (samples,), a clip (frames, 3, H, W)
+    conversation: Conversation  # pass it to the next call to go on
+
+
+class AnyToAny:
+    """NExT-GPT end to end over a stage-3 `SignalLLM` (see the module docstring for an example)."""
+
+    def __init__(self, model) -> None:
+        self.model = model.eval()
+
+    @classmethod
+    def from_zoo(cls, entry: str = "stage3") -> "AnyToAny":
+        """The zoo's tuned model (``stage3``; or ``stage3-full``, ``stage3-frozen``, ``stage2``) with its decoders."""
+        if entry not in ("stage2", "stage3") and not entry.startswith("stage3-"):
+            raise ValueError(f"AnyToAny needs a model with signal tokens: a stage-2 or stage-3 zoo entry, got {entry!r}")
+        return cls(zoo.load(entry)[0])
+
+    @classmethod
+    def from_run(cls, folder: str | Path, decoders: dict | None = None) -> "AnyToAny":
+        """The result of ``python -m mmlib.train --stage 1 2 3 --output <folder>``, at the scale it was trained at.
+
+        Each stage loads over the one before: ``stage1/final``, ``stage2/final``, ``stage3/final``;
+        the encoders, LLM and decoders are the scale config's (`load_imagebind`, `load_llm`,
+        `load_decoder`), or `decoders` ({modality: decoder}) if given.
+        """
+        from mmlib.input_projection import load_stage1
+        from mmlib.instruction import load_stage3
+        from mmlib.output_projection import load_stage2
+
+        folder = Path(folder)
+        missing = [f"stage{n}/final" for n in (1, 2, 3) if not (folder / f"stage{n}" / "final").is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: train them with "
+                                    f"python -m mmlib.train --stage 1 2 3 --output {folder}")
+        base = load_stage1(folder / "stage1" / "final")[0]
+        stage2 = load_stage2(folder / "stage2" / "final", base=base, decoders=decoders)[0]
+        return cls(load_stage3(folder / "stage3" / "final", stage2=stage2)[0])
+
+    @property
+    def inputs(self) -> list[str]:
+        """The modalities it reads (besides text)."""
+        return list(self.model.base.modalities)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The modalities it can generate (besides text)."""
+        return list(self.model.outputs)
+
+    def embed(self, modality: str, data) -> torch.Tensor:
+        """The encoder embedding (D,) of one input in the world's format for `modality`."""
+        if modality not in self.inputs:
+            raise ValueError(f"this model cannot read {modality!r} inputs; it reads text and: {', '.join(self.inputs)}")
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(data)
+        if not isinstance(data, torch.Tensor):
+            raise TypeError(f"a {modality} input is a tensor or numpy array (one item, no batch axis), "
+                            f"got {type(data).__name__}")
+        return self.model.base.encode(modality, data.float().unsqueeze(0))[0]  # (1, ...) -> (1, D) -> (D,)
+
+    @torch.no_grad()
+    def __call__(self, parts, conversation: Conversation | None = None, max_new_tokens: int = 24,
+                 generate: bool = True, **decoder_options) -> Reply:
+        """Answer one user turn made of `parts` (strings and ``(modality, data)``), after `conversation`.
+
+        With ``generate=False`` the reply only says which output the LLM asked for, and no decoder
+        runs. `decoder_options` go to the decoder (``guidance_scale``, ``steps``, ``seed``, and for
+        audio ``vocode=False`` to get the log-mel instead of the waveform).
+        """
+        if isinstance(parts, (str, tuple)):
+            parts = [parts]
+        conversation = conversation or Conversation()
+        words, inputs = [], list(conversation.inputs)
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                words.append(part)
+            elif isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], str):
+                modality, data = part
+                if modality == "text":
+                    words.append(str(data))
+                    continue
+                inputs.append((modality, self.embed(modality, data)))
+                words.append(MODALITY_TOKENS[modality])
+            else:
+                raise TypeError(f"part {i} is {type(part).__name__}: give strings and (modality, data) pairs, "
+                                "e.g. [('image', picture), 'describe this picture.']")
+        user = " ".join(word.strip() for word in words if word.strip())
+        if not user:
+            raise ValueError("an empty turn: give some text or an input")
+        from mmlib.instruction import prompt_for
+
+        prompt = prompt_for(conversation.turns, user)
+        (text, asked), = self.model.write([prompt], [inputs], max_new_tokens)
+        outputs = {}
+        if asked is not None and generate:
+            outputs[asked] = self.model.generate_output(asked, [prompt], [text], [inputs], **decoder_options)[0]
+        answer = self.model.answer(asked, text) if asked else text
+        return Reply(text, asked, outputs, Conversation(conversation.turns + [(user, answer)], inputs))

@@ -1,0 +1,89 @@
+"""mmlib.anytoany: the finished model behind one call (its docstring example runs late in make test,
+once the decoders exist; these tests use the decoders' text encoders only and generate nothing)."""
+
+import numpy as np
+import pytest
+import torch
+
+from mmlib import zoo
+from mmlib.anytoany import AnyToAny, Conversation
+from mmlib.data import World
+from mmlib.decoders import OUTPUTS, decoders_to_link
+from mmlib.instruction import load_stage3
+from mmlib.output_projection import load_stage2
+
+
+@pytest.fixture(scope="module")
+def model():
+    decoders = decoders_to_link(OUTPUTS, unets=False)  # no UNet: these tests only read and write text
+    stage2 = load_stage2(zoo.ensure("stage2"), decoders=decoders)[0]
+    return AnyToAny(load_stage3(zoo.ensure("stage3"), stage2=stage2)[0])
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World()
+
+
+def test_a_turn_places_each_input_where_it_stands_and_the_conversation_goes_on(model, world, monkeypatch):
+    scene = world.scenes(world.split("test", 1))
+    seen = []
+    write = model.model.write
+
+    def spy(prompts, inputs, max_new_tokens):
+        seen.append((prompts[0], [m for m, _ in inputs[0]]))
+        return write(prompts, inputs, max_new_tokens)
+
+    monkeypatch.setattr(model.model, "write", spy)
+    reply = model([("image", world.render("image", scene)[0]), "describe this picture."])
+    assert seen[-1] == ("question: <image> describe this picture. answer:", ["image"])
+    assert reply.asked is None and reply.outputs == {} and reply.text
+    assert reply.conversation.turns == [("<image> describe this picture.", reply.text)]
+    # numpy input, and a second turn that still holds the first turn's picture
+    second = model(["what does", ("thermal", world.render("thermal", scene)[0]), "show?"], reply.conversation)
+    assert seen[-1][0].startswith(f"question: <image> describe this picture. answer: {reply.text}. question: what does")
+    assert seen[-1][1] == ["image", "thermal"]
+    assert len(second.conversation.inputs) == 2 and len(reply.conversation.inputs) == 1  # the first is unchanged
+
+
+def test_it_states_the_colour_it_was_shown(model, world):
+    scenes = world.scenes(world.split("test", 20))
+    right = 0
+    for i in range(20):
+        reply = model([("image", world.render("image", scenes[i:i + 1])[0]), "describe this picture."], generate=False)
+        right += scenes.describe(i)["color"] in reply.text and reply.asked is None
+    assert right >= 16  # stage 3 describes pictures right (lesson 6); 20 held-out scenes (seed 0: 19)
+
+
+def test_a_text_encoder_alone_cannot_generate(model, world):
+    with pytest.raises(TypeError, match="load_decoder"):
+        model.model.decoders["audio"](prompt_embeds=None)
+
+
+def test_bad_parts_are_refused_with_what_to_give(model, world):
+    with pytest.raises(ValueError, match="cannot read 'smell'.*image"):
+        model([("smell", np.zeros(3)), "what is it?"])
+    with pytest.raises(TypeError, match=r"part 1 is int.*\(modality, data\)"):
+        model(["describe", 3])
+    with pytest.raises(TypeError, match="tensor or numpy array"):
+        model([("image", [[0.0]])])
+    with pytest.raises(ValueError, match="empty turn"):
+        model(["  "])
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\)|32"):
+        model([("image", torch.zeros(3, 16, 16)), "describe this picture."])
+
+
+def test_from_run_says_which_stage_is_missing(tmp_path):
+    (tmp_path / "stage1" / "final").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="stage2/final, stage3/final.*mmlib.train --stage 1 2 3"):
+        AnyToAny.from_run(tmp_path)
+    with pytest.raises(ValueError, match="signal tokens"):
+        AnyToAny.from_zoo("stage1")
+    assert Conversation().turns == []
+
+
+def test_a_run_of_mmlib_train_loads_and_answers(tiny_run, world):
+    model = AnyToAny.from_run(tiny_run[0], decoders=decoders_to_link(OUTPUTS, unets=False))
+    scene = world.scenes(world.split("test", 1))
+    reply = model([("audio", world.render("audio", scene)[0]), "describe this sound."], max_new_tokens=4)
+    assert isinstance(reply.text, str) and reply.conversation.turns[0][0] == "<audio> describe this sound."

@@ -43,7 +43,7 @@ from mmlib.contrastive import History
 from mmlib.data import ATTRIBUTES, REVEALS, World
 from mmlib.data.captions import vocabulary
 from mmlib.data.world import uniform
-from mmlib.tokenizer import placeholder_tokens
+from mmlib.tokenizer import VOCAB_SIZE, placeholder_tokens
 
 # How a prompt names each kind of input ("describe this sound"), and the prompt format.
 NOUNS = {"image": "picture", "audio": "sound", "video": "clip", "depth": "depth map", "thermal": "heat map",
@@ -101,22 +101,28 @@ class LLMConfig:
 course_config.register_section("llm", LLMConfig)
 
 
-def llama_config(tokenizer: PreTrainedTokenizerFast, config: LLMConfig) -> LlamaConfig:
-    """The `LlamaConfig` of the tiny LLM (or of `config.architecture`, e.g. Vicuna-7B's shape)."""
+def llama_config(tokenizer: PreTrainedTokenizerFast | None, config: LLMConfig, extra_tokens: int = 0) -> LlamaConfig:
+    """The `LlamaConfig` of the tiny LLM (or of `config.architecture`, e.g. Vicuna-7B's shape).
+
+    `extra_tokens` adds rows (the signal tokens, counted before they exist). Without a tokenizer
+    (a `meta`-device build of the tiny shape) the course tokenizer's `VOCAB_SIZE` stands in.
+    """
     if config.architecture:
-        return LlamaConfig(**config.architecture)
+        llama = LlamaConfig(**config.architecture)
+        llama.vocab_size += extra_tokens
+        return llama
+    specials = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                 pad_token_id=tokenizer.pad_token_id)
     return LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=(VOCAB_SIZE if tokenizer is None else len(tokenizer)) + extra_tokens,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads,
         max_position_embeddings=config.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,  # as Llama 2 and Vicuna
+        **specials,
     )
 
 

@@ -275,13 +275,13 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
     <output>``, ``lora``, ``signal rows``) and per stage ``{"trainable": n, "total": n}``, where
     total counts the LLM and the trainable parts (the frozen encoder and decoders load from their
     own checkpoints and are not counted). The LLM is the YAML's ``llm.architecture`` (full scale)
-    or the tiny Llama's shape over a 1,000-token vocabulary.
+    or the tiny Llama's shape over the course tokenizer's vocabulary (`llama_config`).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from mmlib.input_projection import InputProjection
     from mmlib.instruction import add_lora
-    from mmlib.llm import LLMConfig
+    from mmlib.llm import LLMConfig, llama_config
     from mmlib.output_projection import projector_for
 
     llm_config = course_config.scale_config("llm", LLMConfig, scale_name)
@@ -292,15 +292,9 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
         full = course_config.scale_config("imagebind", ImageBindConfig, scale_name).pretrained_image_text
         encoder_dim = ENCODER_DIM if full else course_config.scale_config("clip", ClipConfig, scale_name).image.embed_dim
     stage1, stage2, stage3 = (course_config.scale_config(f"stage{n}", type(stage_config(n)), scale_name) for n in STAGES)
-    if llm_config.architecture:
-        architecture = dict(llm_config.architecture)
-    else:
-        architecture = dict(vocab_size=1000, hidden_size=llm_config.hidden_size, num_hidden_layers=llm_config.num_layers,
-                            intermediate_size=llm_config.intermediate_size, num_attention_heads=llm_config.num_heads,
-                            num_key_value_heads=llm_config.num_heads, tie_word_embeddings=False)
     signals = sum(stage2.signal_tokens[m] for m in stage2.outputs)
-    architecture["vocab_size"] += signals  # the signal tokens' new rows
-    hidden = architecture["hidden_size"]
+    architecture = llama_config(None, llm_config, extra_tokens=signals)  # with the signal tokens' new rows
+    hidden = architecture.hidden_size
     from mmlib.decoders import conditioning_shape
 
     conditioning = {m: stage2.conditioning.get(m) or conditioning_shape(m, scale_name) for m in stage2.outputs}
@@ -309,7 +303,7 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
         raise ValueError(f"{scale_name}.yaml:stage2.conditioning has no (tokens, dim) for {missing}, and their "
                          "decoders are not in mmlib.decoders.KNOWN_CONDITIONING: the projectors' size comes from it")
     with torch.device("meta"):
-        llm = LlamaForCausalLM(LlamaConfig(**architecture))
+        llm = LlamaForCausalLM(architecture)
         projection = InputProjection(encoder_dim, hidden, stage1.projection)
         projectors = {m: projector_for(tuple(conditioning[m]), hidden, stage2.signal_tokens[m], stage2.projector)
                       for m in stage2.outputs}

@@ -189,14 +189,14 @@ def share_weighted(parts: dict[str, torch.Tensor], counts: dict[str, int]) -> di
     return {name: value * weights[name] for name, value in parts.items()}
 
 
-def stage_config(stage: int):
-    """The stage's config dataclass from the scale's YAML."""
+def stage_config(stage: int, scale_name: str | None = None):
+    """The stage's config dataclass from the scale's YAML (default: the current scale)."""
     from mmlib.input_projection import Stage1Config
     from mmlib.instruction import Stage3Config
     from mmlib.output_projection import Stage2Config
 
     classes = {1: Stage1Config, 2: Stage2Config, 3: Stage3Config}
-    return course_config.scale_config(f"stage{stage}", classes[stage])
+    return course_config.scale_config(f"stage{stage}", classes[stage], scale_name)
 
 
 def build_stage(stage: int, config, init: str | None = None) -> nn.Module:
@@ -279,6 +279,7 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
     """
     from transformers import LlamaForCausalLM
 
+    from mmlib.encoders import count_parameters
     from mmlib.input_projection import InputProjection
     from mmlib.instruction import add_lora
     from mmlib.llm import LLMConfig, llama_config
@@ -291,7 +292,7 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
 
         full = course_config.scale_config("imagebind", ImageBindConfig, scale_name).pretrained_image_text
         encoder_dim = ENCODER_DIM if full else course_config.scale_config("clip", ClipConfig, scale_name).image.embed_dim
-    stage1, stage2, stage3 = (course_config.scale_config(f"stage{n}", type(stage_config(n)), scale_name) for n in STAGES)
+    stage1, stage2, stage3 = (stage_config(n, scale_name) for n in STAGES)
     signals = sum(stage2.signal_tokens[m] for m in stage2.outputs)
     architecture = llama_config(None, llm_config, extra_tokens=signals)  # with the signal tokens' new rows
     hidden = architecture.hidden_size
@@ -309,13 +310,10 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
                       for m in stage2.outputs}
         lora = add_lora(llm, stage3.lora) if stage3.tuning == "lora" else None
 
-    def count(module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
     llm_total = sum(p.numel() for n, p in llm.named_parameters() if "lora_" not in n)
-    parts = {"llm": llm_total, "input projection": count(projection), "signal rows": 2 * signals * hidden,
+    parts = {"llm": llm_total, "input projection": count_parameters(projection), "signal rows": 2 * signals * hidden,
              "lora": sum(p.numel() for n, p in llm.named_parameters() if "lora_" in n) if lora else 0}
-    parts.update({f"projector {m}": count(p) for m, p in projectors.items()})
+    parts.update({f"projector {m}": count_parameters(p) for m, p in projectors.items()})
     projector_total = sum(parts[f"projector {m}"] for m in projectors)
     llm_trainable = {"lora": parts["lora"] + parts["signal rows"], "full": llm_total, "frozen": 0}[stage3.tuning]
     trainable = {1: parts["input projection"], 2: projector_total + parts["signal rows"],

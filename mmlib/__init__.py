@@ -14,4 +14,5 @@ REPOSITORY_URL = f"https://github.com/{REPOSITORY}"
 # Modules that register zoo entries and config sections, in lesson order; imported on demand by
 # `mmlib.zoo` and `mmlib.config` so that `import mmlib` stays light.
 LESSON_MODULES = ("mmlib.tokenizer", "mmlib.clip", "mmlib.imagebind", "mmlib.judge", "mmlib.decoders", "mmlib.llm",
-                  "mmlib.input_projection", "mmlib.output_projection", "mmlib.instruction", "mmlib.train")
+                  "mmlib.input_projection", "mmlib.output_projection", "mmlib.instruction", "mmlib.train",
+                  "mmlib.regimes")

@@ -147,3 +147,46 @@ class AnyToAny:
             outputs[asked] = self.model.generate_output(asked, [prompt], [text], [inputs], **decoder_options)[0]
         answer = self.model.answer(asked, text) if asked else text
         return Reply(text, asked, outputs, Conversation(conversation.turns + [(user, answer)], inputs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which input -> output combinations work
+# ---------------------------------------------------------------------------------------------
+
+
+def combination(turns) -> tuple[str, str]:
+    """(input, output) of a one-turn dialogue template: its input modality ("text" for a caption)
+    and the output it asks for ("text" for an answer in words)."""
+    from mmlib.instruction import OUTPUT_TAG, PLACEHOLDER
+
+    if len(turns) != 1:
+        raise ValueError(f"a combination is read from a one-turn template; this one has {len(turns)} turns")
+    (user, answer), = turns
+    inputs = PLACEHOLDER.findall(user)
+    outputs = OUTPUT_TAG.findall(answer)
+    return (inputs[0] if inputs else "text"), (outputs[0] if outputs else "text")
+
+
+def combination_grid(model, judge, world=None, per_template: int = 40) -> dict[tuple[str, str], dict]:
+    """Judge-graded success of every one-turn template on `per_template` test scenes, per (input, output).
+
+    Each cell pools the templates of its combination: ``{"success", "dialogues", "templates",
+    "tuned"}``, where `tuned` says whether a training template has that combination (the others
+    are lesson 6's held-out templates). All dialogues are held in one batched `run_dialogues`.
+    """
+    from mmlib.data import World
+    from mmlib.instruction import load_templates, make_dialogues, run_dialogues
+
+    world = world or World()
+    table = load_templates()
+    names = {name: split for split in ("train", "test") for name, turns in table[split].items() if len(turns) == 1}
+    dialogues = make_dialogues(world, "test", per_template * len(names), list(names))
+    records = run_dialogues(model, world, dialogues, judge)
+    grid = {}
+    for name, split in names.items():
+        cell = grid.setdefault(combination(table[split][name]), {"outcomes": [], "templates": [], "tuned": False})
+        cell["outcomes"] += [r["success"] for r in records if r["template"] == name]
+        cell["templates"].append(name)
+        cell["tuned"] |= split == "train"
+    return {key: {"success": float(np.mean(c["outcomes"])), "dialogues": len(c["outcomes"]),
+                  "templates": c["templates"], "tuned": c["tuned"]} for key, c in grid.items()}

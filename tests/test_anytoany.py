@@ -87,3 +87,21 @@ def test_a_run_of_mmlib_train_loads_and_answers(tiny_run, world):
     scene = world.scenes(world.split("test", 1))
     reply = model([("audio", world.render("audio", scene)[0]), "describe this sound."], max_new_tokens=4)
     assert isinstance(reply.text, str) and reply.conversation.turns[0][0] == "<audio> describe this sound."
+
+
+def test_the_grid_pools_every_one_turn_template_by_its_input_and_output(model, world):
+    from mmlib.anytoany import combination, combination_grid
+    from mmlib.instruction import load_templates
+
+    table = load_templates()
+    assert combination(table["train"]["describe-picture"]) == ("image", "text")
+    assert combination(table["train"]["draw-caption"]) == ("text", "image")
+    assert combination(table["train"]["sound-of-clip"]) == ("video", "audio")
+    with pytest.raises(ValueError, match="one-turn template; this one has 2 turns"):
+        combination(table["train"]["hear-then-draw"])  # two turns: not one combination
+    grid = combination_grid(model.model, None, world, per_template=2)  # no judge: what is said and asked only
+    one_turn = [n for split in table.values() for n, turns in split.items() if len(turns) == 1]
+    assert sorted(t for cell in grid.values() for t in cell["templates"]) == sorted(one_turn)
+    assert all(cell["dialogues"] == 2 * len(cell["templates"]) for cell in grid.values())
+    assert grid[("thermal", "image")]["tuned"] is False and grid[("image", "text")]["tuned"] is True
+    assert grid[("image", "text")]["success"] >= 0.5  # lesson 6's model describes pictures

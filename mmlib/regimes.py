@@ -309,7 +309,7 @@ LINKS = {  # probe -> (what it measures, the lesson whose figure it is)
     "retrieval": ("encoders alone: image <-> X recall@1, mean over the bound modalities", "02"),
     "decoding": ("decoders alone: judge accuracy of outputs made from captions", "03"),
     "captioning": ("encoders -> input projection -> LLM: caption attribute accuracy", "04"),
-    "generation": ("LLM -> signal tokens -> output projection -> decoders: judge accuracy", "05"),
+    "generation": ("a request through the LLM, its signal tokens given -> output projection -> decoders: judge accuracy", "05"),
     "dialogue": ("the whole model: held-out dialogue success", "06"),
 }
 
@@ -326,9 +326,9 @@ def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int
     """One figure per link of `model` (see `LINKS`), each probing its link with the others left out where possible.
 
     Retrieval reads the encoders alone; decoding gives the decoders the scenes' captions directly;
-    captioning and generation go through one link each (inputs in, or requests out); dialogue
-    success is lesson 6's, on held-out dialogues and test scenes. A missed output request counts
-    as wrong on every attribute.
+    captioning and generation go through one link each: an input in, or a request out, whose signal
+    tokens are given (whether the LLM asks at the right moment is the dialogues' to test); dialogue
+    success is lesson 6's, on held-out dialogues and test scenes.
     """
     from mmlib.imagebind import pairwise_recall
     from mmlib.input_projection import caption_accuracy
@@ -345,13 +345,9 @@ def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int
         options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
         captions = world.captions(test, mention="all", among=captioned_attributes(modality))[0]
         decoding.append(_judged(judge, modality, model.decoders[modality](captions, **options), test))
-        answers = model.respond([request(modality, c, i) for i, c in enumerate(captions)], **options)
-        asked = np.array([modality in a for a in answers])
-        if asked.any():
-            outputs = torch.stack([a[modality] for a in answers if modality in a])
-            generation.append(asked.mean() * _judged(judge, modality, outputs, test[np.flatnonzero(asked)]))
-        else:
-            generation.append(0.0)
+        prompts = [request(modality, caption, i) for i, caption in enumerate(captions)]
+        outputs = model.generate_output(modality, prompts, [""] * len(prompts), **options)  # signal tokens given
+        generation.append(_judged(judge, modality, outputs, test))
     report["decoding"], report["generation"] = float(np.mean(decoding)), float(np.mean(generation))
     report["captioning"] = float(np.mean([np.mean(list(caption_accuracy(model.base, world, test, m)[0].values()))
                                           for m in Stage1Config().modalities]))

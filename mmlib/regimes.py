@@ -249,8 +249,7 @@ def train_all_at_once(config: AllAtOnceConfig | None = None, world: World | None
         with torch.no_grad():
             std = vae.encode(render_for_vae(world, modality, world.scenes(world.split("val", 512)))).latent_dist.mean.std()
         vae.register_to_config(scaling_factor=1.0 / std.item())
-    for decoder in parts.model.decoders.values():
-        decoder.freeze()
+    _settle(parts.model)
     return parts, history
 
 
@@ -278,9 +277,16 @@ def load_all_at_once(folder: Path) -> tuple[SignalLLM, History]:
                                                               if k.startswith(prefix)})
     for modality, factor in record["scaling"].items():
         parts.model.decoders[modality].pipeline.vae.register_to_config(scaling_factor=factor)
-    for decoder in parts.model.decoders.values():
-        decoder.freeze()
+    _settle(parts.model)
     return parts.model.requires_grad_(False).eval(), History(**record["history"])
+
+
+def _settle(model: SignalLLM) -> None:
+    """Trained decoders frozen and in eval mode: the video UNet's temporal layers use dropout in training."""
+    for modality, decoder in model.decoders.items():
+        decoder.freeze()
+        for part in OWN_PARTS[modality]:
+            getattr(decoder.pipeline, part).eval()
 
 
 @zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb",

@@ -194,7 +194,14 @@ def overall_losses(parts: Untrained, world: World, step: int, config: AllAtOnceC
         else:
             vae_loss, z = _latents(decoder.pipeline.vae, render_for_vae(world, modality, picked))
             terms.append(vae_loss)
-        prompts = world.captions(picked, variant=step, mention="all", among=captioned_attributes(modality))[0]
+        # the decoder's own recipe (caption_sampler, train_denoiser): mostly full captions, some
+        # partial, and a share dropped to "" so that classifier-free guidance has something to subtract
+        among, unet = captioned_attributes(modality), decoder.config.unet
+        prompts = world.captions(picked, variant=step, among=among)[0]
+        full = int(unet.full_caption_fraction * count)
+        prompts[:full] = world.captions(picked[:full], variant=step, mention="all", among=among)[0]
+        drop = torch.rand(count, generator=generator) < unet.condition_dropout
+        prompts = ["" if dropped else prompt for prompt, dropped in zip(prompts, drop.tolist())]
         states = prompt_states(decoder.pipeline.text_encoder, decoder.pipeline.tokenizer, prompts)
         terms.append(denoising_loss(decoder.pipeline.unet, parts.schedulers[modality], z, states, generator))
     losses["decoder"] = sum(terms) / len(terms)
@@ -289,7 +296,7 @@ def _settle(model: SignalLLM) -> None:
             getattr(decoder.pipeline, part).eval()
 
 
-@zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb",
+@zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb", version=2,
            description="every part from scratch, trained together on L(Overall) for the links' budget")
 def _train_zoo_all_at_once(folder: Path) -> None:
     config = course_config.scale_config("all_at_once", AllAtOnceConfig)

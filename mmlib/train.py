@@ -419,8 +419,11 @@ def run(stage: int, output: str | Path, steps: int | None = None, init: str | No
                                                    total_steps=config.steps, pct_start=0.05)
     # The scheduler is stepped here once per optimizer step, not prepared: accelerate's wrapper
     # would step it once per process.
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the micro-batch
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = count
+    if accelerator.state.deepspeed_plugin is not None:
+        # No dataloader tells DeepSpeed the batch; a run of several stages reuses one config, so both are set anew.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=count, train_batch_size=config.batch_size)
+        deepspeed_precision(ds_config, accelerator.device)
     model, optimizer = accelerator.prepare(step_module, optimizer)
     first, history = 0, History()
     checkpoint = latest_checkpoint(output) if resume else None
@@ -470,6 +473,24 @@ def run(stage: int, output: str | Path, steps: int | None = None, init: str | No
         save_result(accelerator.unwrap_model(model), history, output / "final")
     accelerator.wait_for_everyone()
     return history
+
+
+def deepspeed_precision(ds_config: dict, device: torch.device) -> dict:
+    """bf16 under DeepSpeed as under DDP: autocast in the forward, weights left in their own dtypes.
+
+    DeepSpeed's ``bf16`` mode casts the whole prepared module to bf16 and turns off any autocast
+    around it: the encoders would then meet fp32 inputs with bf16 weights, and the decoders (kept
+    outside the module) bf16 conditioning with fp32 weights. So ``bf16`` becomes DeepSpeed's
+    ``torch_autocast`` section (tested with DeepSpeed 0.19.8): the forward runs under `torch.autocast`, ZeRO-2
+    shards fp32 gradients and AdamW state, frozen weights keep the dtype they were loaded in
+    (bf16 at full scale), and gradients are reduced in fp32 (no lower-precision modules). fp16,
+    with DeepSpeed's loss scaling, is left as configured. Returns `ds_config`, changed in place.
+    """
+    bf16 = ds_config.get("bf16") or {}
+    if bf16.get("enabled") in (True, "true") and device.type != "cpu":
+        ds_config["bf16"] = {**bf16, "enabled": False}
+        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return ds_config
 
 
 def _checkpoint(accelerator, output: Path, model, optimizer, schedule, step: int, history: History, keep: int) -> None:

@@ -50,8 +50,14 @@ def decoders(text, vaes):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """`python -m mmlib.train --stage 1 2 3 --steps 3` in one process, once per session: (folder, histories)."""
+    """`python -m mmlib.train --stage 1 2 3 --steps 3` in one process, once per session: (folder, histories).
+
+    On the CPU even where a GPU is present: it is the reference the 2-process CPU run must match
+    (a CUDA run differs in the last digits: TF32 convolutions, other reduction orders).
+    """
     from mmlib.train import run_stages
 
     folder = tmp_path_factory.mktemp("run")
-    return folder, run_stages([1, 2, 3], folder, steps=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MMLIB_DEVICE", "cpu")
+        return folder, run_stages([1, 2, 3], folder, steps=3)

@@ -39,7 +39,8 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_run):
     order of float sums). Stage 3's terms average over uneven shares and are weighted to match.
     """
     one_run = tiny_run[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLIB_DEVICE": "cpu"}
+    # CPU processes even on a machine with a GPU (there, rank 1 would otherwise look for a second GPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMLIB_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "mmlib.train", "--stage", "1", "2", "3",
               "--steps", "3", "--output", str(tmp_path / "two")]
@@ -137,3 +138,18 @@ def test_every_scale_passes_the_schema_and_a_misfit_projector_is_named(tmp_path,
         use_config(str(tmp_path / "typo.yaml"))
     with pytest.raises(FileNotFoundError, match="neither a scale"):
         use_config(str(tmp_path / "missing.yaml"))
+
+
+def test_deepspeed_bf16_becomes_torch_autocast_and_fp16_is_left_alone():
+    """DeepSpeed's bf16 casts the whole module (encoders and all) to bf16 and turns autocast off; mmlib.train asks for
+    its torch_autocast section instead, as accelerate autocasts under DDP. On a CPU, and for fp16, nothing changes."""
+    from mmlib.train import deepspeed_precision
+
+    ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    assert deepspeed_precision(ds, torch.device("cuda")) == {
+        "bf16": {"enabled": False}, "zero_optimization": {"stage": 2},
+        "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
+    on_cpu = {"bf16": {"enabled": True}}
+    assert deepspeed_precision(on_cpu, torch.device("cpu")) == {"bf16": {"enabled": True}}
+    fp16 = {"fp16": {"enabled": True, "loss_scale": 0}}
+    assert deepspeed_precision(fp16, torch.device("cuda")) == {"fp16": {"enabled": True, "loss_scale": 0}}

@@ -425,10 +425,16 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
         raise ValueError(f"latents hold {len(mean)} scenes, but config.unet.training_scenes is {len(scenes)}")
     if modality == "video":
         unet = inflate(image_decoder.pipeline.unet)
-        # Only the optimizer is told which to update: freezing the rest with requires_grad=False
-        # crashes torch 2.13's CPU backward of this UNet (a segfault in libtorch_cpu).
-        trained = [p for n, p in unet.named_parameters() if "temp" in n or "transformer_in" in n] \
-            if config.temporal_only else None
+        trained = None
+        if config.temporal_only:  # the image layers are frozen: no gradients computed for them
+            trained = [p for n, p in unet.named_parameters() if "temp" in n or "transformer_in" in n]
+            unet.requires_grad_(False)
+            for parameter in trained:
+                parameter.requires_grad_(True)
+            # conv_in keeps requires_grad (the optimizer never updates it) so that the gradient flows
+            # into transformer_in's GroupNorm: torch's CPU GroupNorm backward segfaults on a
+            # channels-last input that needs no gradient while its weight does (torch 2.13).
+            unet.conv_in.requires_grad_(True)
     else:
         unet, trained = build_unet(config.unet, vae.config.latent_channels, mean.shape[-1],
                                    text_encoder.config.hidden_size), None
@@ -444,6 +450,7 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
     losses = train_denoiser(unet, scheduler, mean, caption_sampler(modality, world, scenes, config.unet),
                             lambda texts: prompt_states(text_encoder, tokenizer, texts), config.unet,
                             description=f"{modality} decoder", latent_std=std, callback=snapshot, parameters=trained)
+    unet.requires_grad_(True)  # as a loaded decoder has it
     decoder = assemble(modality, vae, text_encoder, tokenizer, unet.eval(), scheduler, config, world.config)
     decoder.losses, decoder.snapshots = losses, snapshots
     return decoder

@@ -151,6 +151,8 @@ def test_video_decoder_is_the_image_decoder_inflated_and_trains_only_time(decode
         assert torch.equal(value.reshape(video[name].shape), video[name]), name
     temporal_out = [value for name, value in video.items() if "temp_attentions" in name and "proj_out.weight" in name]
     assert temporal_out and all(value.abs().sum() > 0 for value in temporal_out)  # zero at inflation, trained since
+    # the image layers were frozen for training (no gradients computed); the result is handed back as a loaded one is
+    assert all(p.requires_grad for p in decoders["video"].pipeline.unet.parameters())
 
 
 @pytest.mark.parametrize("modality", ["image", "audio"])

@@ -98,15 +98,17 @@ def train_autoencoder(modality: str, config: AutoencoderConfig, world: World | N
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     vae.train()
-    for step in trange(config.steps, desc=f"{modality} VAE", leave=False, disable=not course_config.show_progress()):
-        x = render_for_vae(world, modality, world.scenes(world.split("train", config.batch_size, start=step * config.batch_size)))
-        posterior = vae.encode(x).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(reconstruction, x) + config.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with course_config.on_training_device(vae) as device:
+        for step in trange(config.steps, desc=f"{modality} VAE", leave=False, disable=not course_config.show_progress()):
+            scenes = world.scenes(world.split("train", config.batch_size, start=step * config.batch_size))
+            x = render_for_vae(world, modality, scenes).to(device)
+            posterior = vae.encode(x).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(reconstruction, x) + config.kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     vae.eval()
     with torch.no_grad():  # unit-variance latents: what the diffusion noise schedule assumes
         x = render_for_vae(world, modality, world.scenes(world.split("val", 512)))

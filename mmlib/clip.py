@@ -122,19 +122,20 @@ def fit_pair(encoders: EncoderSet, modality: str, batches, training: Contrastive
         inputs, captions = batches(step)
         return {name: contrastive_loss(encoders.embed(modality, inputs), encoders.embed("text", captions), scales[name]())}
 
-    history = train_contrastive(
-        losses,
-        parameter_groups=[
-            {"params": list(encoders.towers[modality].parameters())},
-            {"params": list(encoders.towers["text"].parameters()), "lr": text_lr},
-        ],
-        config=training,
-        logit_scales=scales,
-        modules=[encoders],
-        evaluate=(lambda: evaluate(encoders)) if evaluate else None,
-        eval_every=eval_every,
-        description=description or name,
-    )
+    with course_config.on_training_device(encoders, *scales.values()):  # embed() moves each batch there
+        history = train_contrastive(
+            losses,
+            parameter_groups=[
+                {"params": list(encoders.towers[modality].parameters())},
+                {"params": list(encoders.towers["text"].parameters()), "lr": text_lr},
+            ],
+            config=training,
+            logit_scales=scales,
+            modules=[encoders],
+            evaluate=(lambda: evaluate(encoders)) if evaluate else None,
+            eval_every=eval_every,
+            description=description or name,
+        )
     return TrainedEncoders(encoders, scales, history)
 
 

@@ -13,6 +13,7 @@ from here, so one environment variable changes them everywhere:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -73,6 +74,25 @@ def device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def on_training_device(*modules: torch.nn.Module):
+    """Train `modules` on `device()`, then hand them back on the CPU; yields the device.
+
+    The lessons' loops (contrastive encoders, judge, VAE, denoiser, LLM pretraining) train inside
+    it: with a GPU their steps run there, while evaluation, sampling and saving keep working on
+    CPU tensors as everywhere else in the course. On a CPU it changes nothing.
+    """
+    target = device()
+    for module in modules:
+        module.to(target)
+    try:
+        yield target
+    finally:
+        if target.type != "cpu":
+            for module in modules:
+                module.to("cpu")
 
 
 def seed_everything(value: int | None = None) -> int:

@@ -113,12 +113,14 @@ def train_contrastive(
     history, start = History(), time.perf_counter()
 
     def run_evaluation(step: int) -> None:
+        # evaluations run on CPU tensors, as everywhere in the course, wherever the caller trains
+        device = next((p.device for module in modules for p in module.parameters()), torch.device("cpu"))
         for module in modules:
-            module.eval()
+            module.eval().to("cpu")
         with torch.no_grad():
             history.evaluations.append({"step": step, **evaluate()})
         for module in modules:
-            module.train()
+            module.train().to(device)
 
     for module in modules:
         module.train()

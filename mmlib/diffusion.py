@@ -168,20 +168,21 @@ def train_denoiser(unet, scheduler: DDPMScheduler, latents: torch.Tensor, captio
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
     losses = []
     unet.train()
-    for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
-        rows = torch.randint(len(latents), (config.batch_size,), generator=generator)
-        batch = latents[rows]
-        if latent_std is not None:
-            batch = batch + latent_std[rows] * torch.randn(batch.shape, generator=generator)
-        texts = captions(rows, step)
-        drop = torch.rand(len(texts), generator=generator) < config.condition_dropout
-        texts = ["" if dropped else text for text, dropped in zip(texts, drop.tolist())]
-        loss = denoising_loss(unet, scheduler, batch, encode(texts), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if callback is not None:
-            callback(step + 1, unet)
+    with course_config.on_training_device(unet) as device:
+        for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
+            rows = torch.randint(len(latents), (config.batch_size,), generator=generator)
+            batch = latents[rows]
+            if latent_std is not None:
+                batch = batch + latent_std[rows] * torch.randn(batch.shape, generator=generator)
+            texts = captions(rows, step)
+            drop = torch.rand(len(texts), generator=generator) < config.condition_dropout
+            texts = ["" if dropped else text for text, dropped in zip(texts, drop.tolist())]
+            loss = denoising_loss(unet, scheduler, batch.to(device), encode(texts).to(device), generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if callback is not None:
+                callback(step + 1, unet)
     return losses

@@ -77,20 +77,24 @@ def bind_to_images(clip: EncoderSet, config: ImageBindConfig | None = None, worl
         scenes = world.scenes(world.split("train", size, start=step * size))
         with torch.no_grad():
             target = encoders.embed("image", torch.from_numpy(world.image(scenes)))  # (B, D), frozen
-        return {f"{m}-image": contrastive_loss(encoders.embed(m, torch.from_numpy(world.render(m, scenes))), target,
-                                               scales[f"{m}-image"]())
-                for m in modalities}
+        parts = {}
+        for m in modalities:
+            bound = encoders.embed(m, torch.from_numpy(world.render(m, scenes)))  # (B, D), on the training device
+            parts[f"{m}-image"] = contrastive_loss(bound, target.to(bound.device), scales[f"{m}-image"]())
+        return parts
 
-    history = train_contrastive(
-        losses,
-        parameter_groups=[{"params": [p for m in modalities for p in encoders.towers[m].parameters()]}],
-        config=training,
-        logit_scales=scales,
-        modules=[encoders.towers[m] for m in modalities],  # the frozen image tower stays in eval mode
-        evaluate=(lambda: evaluate(encoders)) if evaluate else None,
-        eval_every=eval_every,
-        description="binding to images",
-    )
+    bound = [encoders.towers[m] for m in modalities]  # the frozen image tower stays in eval mode, on the CPU
+    with course_config.on_training_device(*bound, *scales.values()):
+        history = train_contrastive(
+            losses,
+            parameter_groups=[{"params": [p for m in modalities for p in encoders.towers[m].parameters()]}],
+            config=training,
+            logit_scales=scales,
+            modules=bound,
+            evaluate=(lambda: evaluate(encoders)) if evaluate else None,
+            eval_every=eval_every,
+            description="binding to images",
+        )
     return TrainedEncoders(encoders.eval(), scales, history)
 
 

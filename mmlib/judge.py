@@ -87,15 +87,17 @@ def train_classifier(modality: str, config: JudgeConfig, world: World, steps: in
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(world.seed)
     model.train()
-    for step in trange(steps, desc=f"{modality} judge", leave=False, disable=not course_config.show_progress()):
-        scenes = world.scenes(world.split("train", config.batch_size, start=step * config.batch_size))
-        x = _augment(torch.from_numpy(world.render(modality, scenes)), config.noise, generator)
-        logits = model(x)
-        loss = sum(F.cross_entropy(logits[name], torch.from_numpy(scenes.attributes[name])) for name in logits)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with course_config.on_training_device(model) as device:
+        for step in trange(steps, desc=f"{modality} judge", leave=False, disable=not course_config.show_progress()):
+            scenes = world.scenes(world.split("train", config.batch_size, start=step * config.batch_size))
+            x = _augment(torch.from_numpy(world.render(modality, scenes)), config.noise, generator)
+            logits = model(x.to(device))
+            loss = sum(F.cross_entropy(logits[name], torch.from_numpy(scenes.attributes[name]).to(device))
+                       for name in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     return model.eval()
 
 

@@ -199,14 +199,17 @@ def train_llm(tokenizer: PreTrainedTokenizerFast, config: LLMConfig | None = Non
                                                    pct_start=config.warmup_fraction)
     history = History()
     size = config.batch_size
-    for step in trange(config.steps, desc="LLM pretraining", leave=False, disable=not course_config.show_progress()):
-        texts = text_corpus(world, world.split("train", size, start=step * size), variant=step)
-        loss = model(**lm_batch(tokenizer, texts)).loss  # transformers shifts the labels by one
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        history.loss.setdefault("L(LLM)", []).append(loss.item())
+    with course_config.on_training_device(model) as device:
+        for step in trange(config.steps, desc="LLM pretraining", leave=False,
+                           disable=not course_config.show_progress()):
+            texts = text_corpus(world, world.split("train", size, start=step * size), variant=step)
+            batch = {key: value.to(device) for key, value in lm_batch(tokenizer, texts).items()}
+            loss = model(**batch).loss  # transformers shifts the labels by one
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.loss.setdefault("L(LLM)", []).append(loss.item())
     return model.eval(), history
 
 

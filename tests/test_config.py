@@ -94,3 +94,25 @@ def test_nested_overrides_keep_the_fields_own_defaults():
         (default.unet.batch_size, default.unet.lr, default.unet.training_scenes) == (16, 3e-3, 4096)
     with pytest.raises(ValueError, match="unet.stpes"):
         config.make_config(VideoDecoderConfig, {"unet": {"stpes": 5}})
+
+
+def test_on_training_device_changes_nothing_on_a_cpu(monkeypatch):
+    monkeypatch.setenv("MMLIB_DEVICE", "cpu")
+    layer = torch.nn.Linear(2, 2)
+    weight = layer.weight
+    with config.on_training_device(layer) as device:
+        assert device == torch.device("cpu") and layer.weight is weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on the device machine)")
+def test_lesson_loops_train_on_the_gpu_and_hand_back_cpu_modules(monkeypatch):
+    from mmlib.data import World
+    from mmlib.judge import JudgeConfig, train_classifier
+
+    monkeypatch.delenv("MMLIB_DEVICE", raising=False)
+    layer = torch.nn.Linear(2, 2)
+    with config.on_training_device(layer) as device:
+        assert device.type == "cuda" and layer.weight.device.type == "cuda"
+    assert layer.weight.device.type == "cpu"
+    model = train_classifier("image", JudgeConfig(), World(seed=0), steps=3)
+    assert all(p.device.type == "cpu" for p in model.parameters())

@@ -150,6 +150,12 @@ def denoising_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, condit
     return F.mse_loss(prediction, target)
 
 
+def drop_conditions(texts: list[str], fraction: float, generator: torch.Generator) -> list[str]:
+    """Blank a random `fraction` of the captions to "": the unconditional branch classifier-free guidance subtracts."""
+    drop = torch.rand(len(texts), generator=generator) < fraction
+    return ["" if dropped else text for text, dropped in zip(texts, drop.tolist())]
+
+
 def train_denoiser(unet, scheduler: DDPMScheduler, latents: torch.Tensor, captions: Callable[[torch.Tensor, int], list[str]],
                    encode: Callable[[list[str]], torch.Tensor], config: DiffusionConfig, description: str = "diffusion",
                    latent_std: torch.Tensor | None = None,
@@ -174,9 +180,7 @@ def train_denoiser(unet, scheduler: DDPMScheduler, latents: torch.Tensor, captio
             batch = latents[rows]
             if latent_std is not None:
                 batch = batch + latent_std[rows] * torch.randn(batch.shape, generator=generator)
-            texts = captions(rows, step)
-            drop = torch.rand(len(texts), generator=generator) < config.condition_dropout
-            texts = ["" if dropped else text for text, dropped in zip(texts, drop.tolist())]
+            texts = drop_conditions(captions(rows, step), config.condition_dropout, generator)
             loss = denoising_loss(unet, scheduler, batch.to(device), encode(texts).to(device), generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,8 @@ from mmlib.clip import ClipConfig, caption_batches
 from mmlib.contrastive import History, LogitScale, contrastive_loss
 from mmlib.data import World
 from mmlib.data.world import check_choice
-from mmlib.decoders import CONFIGS, OUTPUTS, assemble, captioned_attributes
-from mmlib.diffusion import build_unet, denoising_loss, inflate, noise_scheduler, prompt_states
+from mmlib.decoders import CONFIGS, OUTPUTS, assemble, caption_sampler, captioned_attributes
+from mmlib.diffusion import build_unet, denoising_loss, drop_conditions, inflate, noise_scheduler, prompt_states
 from mmlib.encoders import build_encoders, tower_spec
 from mmlib.imagebind import BOUND_MODALITIES, TOWER_KINDS, ImageBindConfig
 from mmlib.input_projection import InputProjection, MultimodalLLM, Stage1Config, caption_batch, encoder_dim
@@ -194,14 +194,10 @@ def overall_losses(parts: Untrained, world: World, step: int, config: AllAtOnceC
         else:
             vae_loss, z = _latents(decoder.pipeline.vae, render_for_vae(world, modality, picked))
             terms.append(vae_loss)
-        # the decoder's own recipe (caption_sampler, train_denoiser): mostly full captions, some
-        # partial, and a share dropped to "" so that classifier-free guidance has something to subtract
-        among, unet = captioned_attributes(modality), decoder.config.unet
-        prompts = world.captions(picked, variant=step, among=among)[0]
-        full = int(unet.full_caption_fraction * count)
-        prompts[:full] = world.captions(picked[:full], variant=step, mention="all", among=among)[0]
-        drop = torch.rand(count, generator=generator) < unet.condition_dropout
-        prompts = ["" if dropped else prompt for prompt, dropped in zip(prompts, drop.tolist())]
+        # the decoder's own recipe: mostly full captions, some partial, a share dropped to ""
+        unet = replace(decoder.config.unet, batch_size=count)
+        prompts = caption_sampler(modality, world, picked, unet)(torch.arange(count), step)
+        prompts = drop_conditions(prompts, unet.condition_dropout, generator)
         states = prompt_states(decoder.pipeline.text_encoder, decoder.pipeline.tokenizer, prompts)
         terms.append(denoising_loss(decoder.pipeline.unet, parts.schedulers[modality], z, states, generator))
     losses["decoder"] = sum(terms) / len(terms)

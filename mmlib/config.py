@@ -95,6 +95,19 @@ def on_training_device(*modules: torch.nn.Module):
                 module.to("cpu")
 
 
+@contextlib.contextmanager
+def on_cpu(*modules: torch.nn.Module):
+    """Run a block with `modules` on the CPU (an evaluation or a sample in the middle of training), then put each back."""
+    devices = [next((p.device for p in module.parameters()), torch.device("cpu")) for module in modules]
+    for module in modules:
+        module.to("cpu")
+    try:
+        yield
+    finally:
+        for module, where in zip(modules, devices):
+            module.to(where)
+
+
 def seed_everything(value: int | None = None) -> int:
     """Seed Python, NumPy and torch with `value` (default: the course seed) and return it."""
     value = seed() if value is None else value

@@ -113,14 +113,13 @@ def train_contrastive(
     history, start = History(), time.perf_counter()
 
     def run_evaluation(step: int) -> None:
-        # evaluations run on CPU tensors, as everywhere in the course, wherever the caller trains
-        device = next((p.device for module in modules for p in module.parameters()), torch.device("cpu"))
         for module in modules:
-            module.eval().to("cpu")
-        with torch.no_grad():
+            module.eval()
+        # evaluations run on CPU tensors, as everywhere in the course, wherever the caller trains
+        with course_config.on_cpu(*modules), torch.no_grad():
             history.evaluations.append({"step": step, **evaluate()})
         for module in modules:
-            module.train().to(device)
+            module.train()
 
     for module in modules:
         module.train()

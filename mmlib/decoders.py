@@ -444,10 +444,9 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
 
     def snapshot(step: int, unet) -> None:
         if step in config.snapshots or step == config.unet.steps:
-            device = unet.device  # sampled on the CPU, where the VAE and text encoder are; trained wherever it was
-            sampler = assemble(modality, vae, text_encoder, tokenizer, unet.to("cpu"), scheduler, config, world.config)
-            snapshots[step] = sampler(prompts, vocode=False)
-            unet.to(device)
+            with course_config.on_cpu(unet):  # sampled where the VAE and text encoder are; trained wherever it was
+                sampler = assemble(modality, vae, text_encoder, tokenizer, unet, scheduler, config, world.config)
+                snapshots[step] = sampler(prompts, vocode=False)
 
     losses = train_denoiser(unet, scheduler, mean, caption_sampler(modality, world, scenes, config.unet),
                             lambda texts: prompt_states(text_encoder, tokenizer, texts), config.unet,

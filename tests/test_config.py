@@ -113,6 +113,9 @@ def test_lesson_loops_train_on_the_gpu_and_hand_back_cpu_modules(monkeypatch):
     layer = torch.nn.Linear(2, 2)
     with config.on_training_device(layer) as device:
         assert device.type == "cuda" and layer.weight.device.type == "cuda"
+        with config.on_cpu(layer):  # an evaluation or a sample in the middle of training
+            assert layer.weight.device.type == "cpu"
+        assert layer.weight.device.type == "cuda"
     assert layer.weight.device.type == "cpu"
     model = train_classifier("image", JudgeConfig(), World(seed=0), steps=3)
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -81,9 +81,10 @@ class AudioDecoderConfig(DecoderConfig):
 @dataclass
 class VideoDecoderConfig(DecoderConfig):
     # The UNet's shape comes from the image decoder it is inflated from; these set its training.
-    unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(lr=3e-3, steps=800, batch_size=16,
+    unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(lr=3e-3, steps=400, batch_size=16,
                                                                           training_scenes=4096))
     temporal_only: bool = True  # train only the new temporal layers; the image layers stay as inflated
+    snapshots: tuple = (50, 100, 200)  # inflated from a trained image UNet, it moves its objects early
 
 
 CONFIGS = {"image": ImageDecoderConfig, "audio": AudioDecoderConfig, "video": VideoDecoderConfig}
@@ -477,11 +478,11 @@ def _vae_entry(modality: str, config_class: type) -> None:
               description=f"AutoencoderKL of {'pictures' if modality == 'image' else 'log-mel spectrograms'}, 32x32 -> 8x8x4")(train)
 
 
-def _decoder_entry(modality: str, description: str) -> None:
+def _decoder_entry(modality: str, description: str, version: int = 1) -> None:
     def train(folder: Path) -> None:
         train_decoder(modality).save(folder)
 
-    zoo.entry(f"{modality}-decoder", load=Decoder.load, lesson="03_diffusion_decoders.ipynb",
+    zoo.entry(f"{modality}-decoder", load=Decoder.load, lesson="03_diffusion_decoders.ipynb", version=version,
               description=description)(train)
 
 
@@ -491,7 +492,7 @@ _vae_entry("image", AutoencoderConfig)
 _vae_entry("audio", AudioAutoencoderConfig)
 _decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures")
 _decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms")
-_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips")
+_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=2)
 
 
 # -- grading with the judge ---------------------------------------------------------------------

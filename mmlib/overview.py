@@ -73,3 +73,11 @@ def draw_any_to_any_map(ax=None):
     ax.axis("off")
     ax.set_title("The any-to-any map (NExT-GPT) and where each loss term is taught", fontsize=10)
     return ax.figure
+
+
+if __name__ == "__main__":  # python -m mmlib.overview notebooks/figures/any_to_any_map.png: the README's figure
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m mmlib.overview OUTPUT.png")
+    draw_any_to_any_map().savefig(sys.argv[1], dpi=110, bbox_inches="tight")

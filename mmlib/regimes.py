@@ -331,8 +331,9 @@ def _judged(judge, modality: str, outputs, scenes) -> float:
 
 @torch.no_grad()
 def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int = 60,
-                dialogues: int = 60) -> dict[str, float]:
-    """One figure per link of `model` (see `LINKS`), each probing its link with the others left out where possible.
+                dialogues: int = 60, links=tuple(LINKS)) -> dict[str, float]:
+    """One figure per link of `model` (see `LINKS`; or only `links`), each probing its link with the others
+    left out where possible.
 
     Retrieval reads the encoders alone; decoding gives the decoders the scenes' captions directly;
     captioning and generation go through one link each: an input in, or a request out, whose signal
@@ -344,25 +345,36 @@ def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int
     from mmlib.instruction import run_dialogues, success_rate
     from mmlib.output_projection import request
 
+    links = (links,) if isinstance(links, str) else tuple(links)
+    for name in links:
+        check_choice("link", name, list(LINKS))
     world = world or World()
     test = world.scenes(world.split("test", scenes))
-    names = ("image",) + BOUND_MODALITIES
-    recall = pairwise_recall(model.base.encoders, world, test, names)  # (M, M), row: query
-    report = {"retrieval": float(np.mean([recall[0, 1:], recall[1:, 0]]))}
+    report = {}
+    if "retrieval" in links:
+        names = ("image",) + BOUND_MODALITIES
+        recall = pairwise_recall(model.base.encoders, world, test, names)  # (M, M), row: query
+        report["retrieval"] = float(np.mean([recall[0, 1:], recall[1:, 0]]))
     decoding, generation = [], []
     for modality in OUTPUTS:
         options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
         captions = world.captions(test, mention="all", among=captioned_attributes(modality))[0]
-        decoding.append(_judged(judge, modality, model.decoders[modality](captions, **options), test))
-        prompts = [request(modality, caption, i) for i, caption in enumerate(captions)]
-        outputs = model.generate_output(modality, prompts, [""] * len(prompts), **options)  # signal tokens given
-        generation.append(_judged(judge, modality, outputs, test))
-    report["decoding"], report["generation"] = float(np.mean(decoding)), float(np.mean(generation))
-    report["captioning"] = float(np.mean([np.mean(list(caption_accuracy(model.base, world, test, m)[0].values()))
-                                          for m in Stage1Config().modalities]))
-    held_out = make_dialogues(world, "test", dialogues)
-    report["dialogue"] = success_rate(run_dialogues(model, world, held_out, judge))
-    return {name: report[name] for name in LINKS}
+        if "decoding" in links:
+            decoding.append(_judged(judge, modality, model.decoders[modality](captions, **options), test))
+        if "generation" in links:
+            prompts = [request(modality, caption, i) for i, caption in enumerate(captions)]
+            outputs = model.generate_output(modality, prompts, [""] * len(prompts), **options)  # signal tokens given
+            generation.append(_judged(judge, modality, outputs, test))
+    if decoding:
+        report["decoding"] = float(np.mean(decoding))
+    if generation:
+        report["generation"] = float(np.mean(generation))
+    if "captioning" in links:
+        report["captioning"] = float(np.mean([np.mean(list(caption_accuracy(model.base, world, test, m)[0].values()))
+                                              for m in Stage1Config().modalities]))
+    if "dialogue" in links:
+        report["dialogue"] = success_rate(run_dialogues(model, world, make_dialogues(world, "test", dialogues), judge))
+    return {name: report[name] for name in LINKS if name in links}
 
 
 # ---------------------------------------------------------------------------------------------

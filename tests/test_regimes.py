@@ -92,6 +92,10 @@ def test_link_report_measures_every_link_and_a_fault_shows_in_its_own_links(trai
         decoder.config.inference_steps = 2  # the test's own model: a fast sampler is enough to run every probe
     report = link_report(model, judge, world, scenes=4, dialogues=2)
     assert list(report) == list(LINKS) and all(0.0 <= v <= 1.0 for v in report.values())
+    some = link_report(model, judge, world, scenes=4, dialogues=2, links=("captioning", "retrieval"))
+    assert some == {"retrieval": report["retrieval"], "captioning": report["captioning"]}  # only those, the same figures
+    with pytest.raises(ValueError, match="unknown link 'speech'"):
+        link_report(model, judge, world, scenes=4, links="speech")
     weights = {k: v.clone() for k, v in model.base.projection.state_dict().items()}
     image = torch.from_numpy(world.image(world.scenes(world.split("test", 4))))
     embedding = model.base.encoders.embed("image", image)

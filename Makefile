@@ -24,18 +24,17 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # process has one thread: never more threads than cores; two workers of two threads each on two
 # cores made make test three times slower (12.7 min instead of 3.9, measured), as OpenMP threads
 # fight for the cores.
-LATE_A ?= notebooks/03_diffusion_decoders.ipynb notebooks/06_lora_instruction_tuning.ipynb
-LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/07_any_to_any.ipynb
+LATE_A ?= notebooks/03_diffusion_decoders.ipynb
+LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb
 EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
 # Doctests that generate with the decoders B trains run late, in B (the any-to-any example).
 LATE_DOCTESTS := mmlib/anytoany.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
 # Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the
-# UNets; lesson 6's frozen and full runs go to B, to even out the two processes' time. Lesson 7's
-# regime (a) needs nothing trained (it starts every part at random), so B trains it first.
-PREBUILT_A ?= clip judge audio-decoder imagebind llm stage1 stage2 stage3
-PREBUILT_B ?= all-at-once image-vae image-decoder video-decoder stage3-frozen stage3-full
+# UNets; the judge and lesson 6's frozen and full runs go to B, to even out the two processes' time.
+PREBUILT_A ?= clip audio-decoder imagebind llm stage1 stage2 stage3
+PREBUILT_B ?= judge image-vae image-decoder video-decoder stage3-frozen stage3-full
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -61,7 +60,8 @@ lab: venv
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
 # Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
 # tests, the doctests and the early notebooks, then LATE_A. Meanwhile B trains PREBUILT_B (the
-# decoders; image-decoder waits for A's clip, the stage-3 runs for A's stage2), then runs LATE_B.
+# judge and the decoders; image-decoder waits for A's clip, the stage-3 runs for A's stage2), then
+# runs LATE_B.
 # Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \

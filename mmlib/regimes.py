@@ -1,6 +1,7 @@
 """All at once, or decompose and link? Three ways to train the any-to-any model, measured. Lesson 7.
 
-Introduced in `07_any_to_any.ipynb`. The course notes leave open whether an any-to-any model
+Introduced in `notebooks/drafts/07_any_to_any.ipynb` (written, not yet in make test: see the README).
+The course notes leave open whether an any-to-any model
 should be trained "all at once" (every part, one summed objective) or by "decompose and link"
 (pretrained parts, frozen, with only the links trained), or "something in between". The course's
 world grades every output, so the question can be settled by experiment:

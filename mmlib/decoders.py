@@ -75,7 +75,9 @@ class ImageDecoderConfig(DecoderConfig):
 
 @dataclass
 class AudioDecoderConfig(DecoderConfig):
-    unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(lr=3e-3, steps=1000))
+    # 600 steps: the judge reads 0.94-0.95 of every attribute of the spectrograms at seeds 0 and 1 (0.99 after 1,000)
+    unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(lr=3e-3, steps=600))
+    snapshots: tuple = (100, 200, 400)
 
 
 @dataclass
@@ -491,8 +493,8 @@ course_config.register_section("audio_vae", AudioAutoencoderConfig)
 _vae_entry("image", AutoencoderConfig)
 _vae_entry("audio", AudioAutoencoderConfig)
 _decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures")
-_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms")
-_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=2)
+_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=2)
+_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3)
 
 
 # -- grading with the judge ---------------------------------------------------------------------

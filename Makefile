@@ -25,16 +25,19 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # cores made make test three times slower (12.7 min instead of 3.9, measured), as OpenMP threads
 # fight for the cores.
 LATE_A ?= notebooks/03_diffusion_decoders.ipynb
-LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb
+LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb \
+	notebooks/07_any_to_any.ipynb
 EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
 # Doctests that generate with the decoders B trains run late, in B (the any-to-any example).
 LATE_DOCTESTS := mmlib/anytoany.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
 # Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the
-# UNets; the judge and lesson 6's frozen and full runs go to B, to even out the two processes' time.
-PREBUILT_A ?= clip audio-decoder imagebind llm stage1 stage2 stage3
-PREBUILT_B ?= judge image-vae image-decoder video-decoder stage3-frozen stage3-full
+# UNets, and lesson 7's regime (a) (from scratch, it needs nothing) ends A's list. The judge,
+# ImageBind (ready before A's stage 1 asks for it) and lesson 6's frozen and full runs go to B, to
+# even out the two processes' time.
+PREBUILT_A ?= clip audio-decoder llm stage1 stage2 stage3 all-at-once
+PREBUILT_B ?= judge imagebind image-vae image-decoder video-decoder stage3-frozen stage3-full
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 

@@ -19,8 +19,8 @@ LAB_PORT ?= 8888
 LAB_ARGS ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # Notebooks that need process B's entries run late: LATE_A in process A once its tests are done
-# (its first cells wait for the decoders B is still training), LATE_B in process B after its
-# entries, with the doctests of LATE_DOCTESTS. Everything else runs in A while B trains. Each
+# (its first cells wait for the decoders B is still training), with the doctests of LATE_DOCTESTS,
+# and LATE_B in process B after its entries. Everything else runs in A while B trains. Each
 # process has one thread: never more threads than cores; two workers of two threads each on two
 # cores made make test three times slower (12.7 min instead of 3.9, measured), as OpenMP threads
 # fight for the cores.
@@ -28,7 +28,7 @@ LATE_A ?= notebooks/03_diffusion_decoders.ipynb
 LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb \
 	notebooks/07_any_to_any.ipynb
 EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
-# Doctests that generate with the decoders B trains run late, in B (the any-to-any example).
+# Doctests that generate with the decoders B trains run late, in A (the any-to-any example).
 LATE_DOCTESTS := mmlib/anytoany.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
@@ -62,18 +62,18 @@ lab: venv
 
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
 # Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
-# tests, the doctests and the early notebooks, then LATE_A. Meanwhile B trains PREBUILT_B (the
-# judge and the decoders; image-decoder waits for A's clip, the stage-3 runs for A's stage2), then
-# runs LATE_B.
+# tests, the doctests and the early notebooks, then LATE_A and the late doctests. Meanwhile B trains
+# PREBUILT_B (the judge, ImageBind and the decoders; ImageBind and image-decoder wait for A's clip,
+# the stage-3 runs for A's stage2), then runs LATE_B.
 # Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
 	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=1 && \
 	{ { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) && \
 	    $(BIN)/python -m pytest tests --doctest-modules mmlib --ignore=$(LATE_DOCTESTS) $(NBVAL) $(EARLY_NOTEBOOKS) && \
-	    $(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) $(LATE_A); } & \
+	    $(BIN)/python -m pytest -p no:cacheprovider --doctest-modules $(LATE_DOCTESTS) $(NBVAL) $(LATE_A); } & \
 	  { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_B) && \
-	    $(BIN)/python -m pytest -p no:cacheprovider --doctest-modules $(LATE_DOCTESTS) $(NBVAL) $(LATE_B); }; b=$$?; wait $$!; a=$$?; \
+	    $(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) $(LATE_B); }; b=$$?; wait $$!; a=$$?; \
 	  test $$a -eq 0 && test $$b -eq 0; }; \
 	status=$$?; rm -rf $$cache; exit $$status
 

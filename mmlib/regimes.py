@@ -45,7 +45,8 @@ from mmlib.imagebind import BOUND_MODALITIES, TOWER_KINDS, ImageBindConfig
 from mmlib.input_projection import InputProjection, MultimodalLLM, Stage1Config, caption_batch, encoder_dim
 from mmlib.instruction import make_dialogues, stage3_losses, training_examples
 from mmlib.llm import LLMConfig, build_llm, lm_batch, text_corpus
-from mmlib.output_projection import SignalLLM, Stage2Config, add_signal_tokens, projector_for, stage2_requests
+from mmlib.output_projection import (SignalLLM, Stage2Config, add_signal_tokens, projector_for, request,
+                                     stage2_requests)
 
 # What each decoder owns: the video decoder shares the image VAE (and all three share the text tower).
 OWN_PARTS = {"image": ("unet", "vae"), "audio": ("unet", "vae"), "video": ("unet",)}
@@ -329,6 +330,16 @@ def _judged(judge, modality: str, outputs, scenes) -> float:
     return float(np.mean(list(judge.grade(modality, outputs, scenes.attributes).values())))
 
 
+def probe_prompts(world: World, scenes) -> dict[str, tuple[list[str], list[str]]]:
+    """Per output: the scenes' captions of what it can show (decoding's prompts), and a request in words
+    for each (generation's, answered with the output's signal tokens)."""
+    prompts = {}
+    for modality in OUTPUTS:
+        captions = world.captions(scenes, mention="all", among=captioned_attributes(modality))[0]
+        prompts[modality] = (captions, [request(modality, caption, i) for i, caption in enumerate(captions)])
+    return prompts
+
+
 @torch.no_grad()
 def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int = 60,
                 dialogues: int = 60, links=tuple(LINKS)) -> dict[str, float]:
@@ -343,7 +354,6 @@ def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int
     from mmlib.imagebind import pairwise_recall
     from mmlib.input_projection import caption_accuracy
     from mmlib.instruction import run_dialogues, success_rate
-    from mmlib.output_projection import request
 
     links = (links,) if isinstance(links, str) else tuple(links)
     for name in links:
@@ -356,13 +366,11 @@ def link_report(model: SignalLLM, judge, world: World | None = None, scenes: int
         recall = pairwise_recall(model.base.encoders, world, test, names)  # (M, M), row: query
         report["retrieval"] = float(np.mean([recall[0, 1:], recall[1:, 0]]))
     decoding, generation = [], []
-    for modality in OUTPUTS:
+    for modality, (captions, prompts) in probe_prompts(world, test).items():
         options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
-        captions = world.captions(test, mention="all", among=captioned_attributes(modality))[0]
         if "decoding" in links:
             decoding.append(_judged(judge, modality, model.decoders[modality](captions, **options), test))
         if "generation" in links:
-            prompts = [request(modality, caption, i) for i, caption in enumerate(captions)]
             outputs = model.generate_output(modality, prompts, [""] * len(prompts), **options)  # signal tokens given
             generation.append(_judged(judge, modality, outputs, test))
     if decoding:

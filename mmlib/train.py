@@ -146,7 +146,7 @@ class StageStep(nn.Module):
         return parts
 
     def _stage3(self, step: int, start: int, count: int) -> dict[str, torch.Tensor]:
-        from mmlib.instruction import _turn_latents, make_dialogues, stage3_losses, training_examples
+        from mmlib.instruction import _turn_latents, make_dialogues, replay_loss, stage3_losses, training_examples
 
         config, world, generator = self.config, self.world, self.generator(step)
         dialogues = make_dialogues(world, "train", config.batch_size, start=step * config.batch_size,
@@ -159,6 +159,12 @@ class StageStep(nn.Module):
         counts = {}
         parts = stage3_losses(self.model, prompts, inputs, answers, turns, config.terms, latents, self.schedulers,
                               generator, counts)
+        if "replay" in config.terms:
+            size = config.replay_batch  # this share's rows of the replay batch, in proportion to its dialogues
+            share = slice(start * size // config.batch_size, (start + count) * size // config.batch_size)
+            if share.stop > share.start:
+                parts["replay"] = replay_loss(self.model, world, step, config.replay_batch, share)
+                counts["replay"] = share.stop - share.start
         return share_weighted(parts, counts)
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -182,7 +188,7 @@ def share_weighted(parts: dict[str, torch.Tensor], counts: dict[str, int]) -> di
     processes = PartialState().num_processes
     if processes == 1:
         return parts
-    names = ["answer"] + [f"{m} {term}" for m in OUTPUTS for term in ("alignment", "generation")]
+    names = ["answer", "replay"] + [f"{m} {term}" for m in OUTPUTS for term in ("alignment", "generation")]
     local = torch.tensor([float(counts.get(name, 0)) for name in names], device=PartialState().device)
     total = reduce(local.clone(), "sum")  # (names,): every process calls this, whatever its terms
     weights = {name: processes * n / max(t, 1.0) for name, n, t in zip(names, local.tolist(), total.tolist())}

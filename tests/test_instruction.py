@@ -7,17 +7,19 @@ import torch
 from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.data.captions import parse_caption
+from mmlib.input_projection import caption_batch
 from mmlib.instruction import (OUTPUT_TAG, DialogueError, LoraSettings, Stage3Config, add_lora, load_dialogues,
-                               load_stage3, load_templates, make_dialogues, prepare_stage3, prompt_for, run_dialogues,
-                               save_dialogues, save_stage3, stage3_losses, train_stage3, trainable_parameters,
-                               training_examples)
+                               load_stage3, load_templates, make_dialogues, prepare_stage3, prompt_for, replay_loss,
+                               run_dialogues, save_dialogues, save_stage3, stage3_losses, train_stage3,
+                               trainable_parameters, training_examples)
 from mmlib.llm import LLMConfig, llama_config
 from mmlib.output_projection import Stage2Config, build_signal_llm, merge_signal_rows
 from test_output_projection import TINY_STAGE2, base_model
 
 # Templates whose inputs the tests' one-encoder (image) model can read.
 IMAGE_TEMPLATES = ["describe-picture", "recolor-picture", "sound-of-picture", "move-clip", "see-then-draw"]
-TINY_STAGE3 = dict(steps=4, batch_size=4, lr=1e-2, lora=LoraSettings(r=4, alpha=8))
+TINY_STAGE3 = dict(steps=4, batch_size=4, lr=1e-2, lora=LoraSettings(r=4, alpha=8),
+                   terms=("answer", "alignment", "replay"), replay_batch=3)
 
 
 def test_templates_split_into_train_and_held_out_and_every_answer_states_what_it_expects():
@@ -133,6 +135,22 @@ def test_stage3_lowers_the_answer_loss_and_logs_every_term(tuned):
         losses = [stage3_losses(m, *training_examples(m, world, dialogues), terms=("answer",))["answer"].item()
                   for m in (before, model)]
     assert losses[1] < losses[0]
+
+
+def test_replay_is_stage_1s_caption_loss_and_its_shares_add_up_to_the_batch(tuned):
+    _, model, history, _ = tuned
+    assert len(history.loss["replay"]) == TINY_STAGE3["steps"]
+    world = World(seed=0)
+    with torch.no_grad():
+        whole = replay_loss(model, world, step=3, size=6)
+        halves = [replay_loss(model, world, 3, 6, share) for share in (slice(0, 3), slice(3, 6))]
+        # computed as stage 1 computes its loss, on the same scenes and modalities
+        prompts, inputs, answers, _ = caption_batch(model.base, world, model.base.modalities,
+                                                     world.scenes(world.split("train", 6, start=18)), 3)
+        direct = model.base.answer_loss(model.base.prepare(prompts, inputs, answers)).mean()
+    assert torch.allclose(whole, direct, atol=1e-6)
+    assert not torch.allclose(halves[0], halves[1])  # each share holds its own rows of the batch
+    assert torch.allclose(whole, sum(halves) / 2, atol=1e-5)
 
 
 def test_merge_and_unload_gives_the_same_outputs_as_the_adapters(tuned):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -52,6 +53,28 @@ def test_two_processes_take_the_same_steps_as_one(tmp_path, tiny_run):
         assert len(one) == len(two) == 3
         assert one == pytest.approx(two, rel=1e-4), (stage, one, two)
     assert curve(one_run, 3, "video alignment") == pytest.approx(curve(tmp_path / "two", 3, "video alignment"), rel=1e-4)
+
+
+def test_two_processes_share_stage_3s_replay_term_as_one(tmp_path, monkeypatch):
+    """Stage 3 with the opt-in "replay" term (stage 1's captions): each process takes its share of
+    the replay batch (2 and 3 of 5 rows: uneven, so the weighting counts), as for the other terms;
+    2 CPU processes give the one-process curve."""
+    tiny = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    tiny["stage3"] = {**(tiny.get("stage3") or {}), "terms": ["answer", "alignment", "replay"], "replay_batch": 5}
+    config = tmp_path / "replay.yaml"
+    config.write_text(yaml.safe_dump(tiny))
+    monkeypatch.setenv("MMLIB_CONFIG_FILE", str(config))
+    monkeypatch.setenv("MMLIB_DEVICE", "cpu")
+    one = run(3, tmp_path / "one", steps=2).loss
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "mmlib.train", "--stage", "3",
+              "--steps", "2", "--output", str(tmp_path / "two")]
+    done = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two/stage3/final/stage3.json").read_text())["history"]["loss"]
+    assert len(one["replay"]) == 2 and one["replay"] == pytest.approx(two["replay"], rel=1e-4)
+    assert one["total"] == pytest.approx(two["total"], rel=1e-4)
 
 
 def test_gradient_accumulation_takes_the_same_steps(tmp_path):

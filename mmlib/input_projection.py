@@ -286,6 +286,20 @@ def caption_batch(model: MultimodalLLM, world: World, modalities, scenes, varian
     return prompts, inputs, answers, kinds
 
 
+def caption_loss(model: MultimodalLLM, world: World, modalities, step: int, size: int,
+                 share: slice = slice(None)) -> torch.Tensor:
+    """Stage 1's mean loss on rows `share` of step `step`'s batch of `size` captioned inputs.
+
+    The batch depends on (seed, step) alone, and a share keeps the modalities its rows have in the
+    whole batch, so processes that each take a share (`mmlib.train`) see the one-process batch.
+    """
+    scenes = world.scenes(world.split("train", size, start=step * size))[share]
+    # caption_batch gives scene i modality (i + variant) % M: offsetting the variant by the
+    # share's start gives its rows the modalities they have in the whole batch
+    prompts, inputs, answers, _ = caption_batch(model, world, modalities, scenes, step + (share.start or 0))
+    return model.answer_loss(model.prepare(prompts, inputs, answers)).mean()
+
+
 def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world: World | None = None) -> History:
     """Train the input projection alone (encoders and LLM frozen) on X-caption pairs."""
     config = config or course_config.scale_config("stage1", Stage1Config)

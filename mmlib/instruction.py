@@ -53,7 +53,7 @@ from mmlib.data.captions import data_file, parse_caption, vocabulary
 from mmlib.data.world import check_choice, uniform
 from mmlib.decoders import OUTPUTS, captioned_attributes, decoders_to_link, training_latents
 from mmlib.diffusion import noise_scheduler
-from mmlib.input_projection import caption_batch
+from mmlib.input_projection import caption_loss
 from mmlib.judge import JUDGED
 from mmlib.llm import answer_phrase, canonical_caption
 from mmlib.output_projection import (SignalLLM, caption_alignment_loss, generation_loss, load_stage2, merge_signal_rows,
@@ -461,12 +461,7 @@ def replay_loss(model: SignalLLM, world: World, step: int, size: int, share: sli
     Rehearsal: the tuned LLM and input projection keep being asked to say all that an input shows,
     with stage 1's prompt, while they learn to follow dialogues.
     """
-    scenes = world.scenes(world.split("train", size, start=step * size))[share]
-    # caption_batch gives scene i modality (i + variant) % M: offsetting by the share's start keeps
-    # each row's modality what it is in the whole batch
-    variant = step + (share.start or 0)
-    prompts, inputs, answers, _ = caption_batch(model.base, world, model.base.modalities, scenes, variant)
-    return model.base.answer_loss(model.base.prepare(prompts, inputs, answers)).mean()
+    return caption_loss(model.base, world, model.base.modalities, step, size, share)
 
 
 def stage3_groups(model: SignalLLM, config: Stage3Config) -> list[dict]:

@@ -42,7 +42,7 @@ from mmlib.decoders import CONFIGS, OUTPUTS, assemble, caption_sampler, captione
 from mmlib.diffusion import build_unet, denoising_loss, drop_conditions, inflate, noise_scheduler, prompt_states
 from mmlib.encoders import build_encoders, tower_spec
 from mmlib.imagebind import BOUND_MODALITIES, TOWER_KINDS, ImageBindConfig
-from mmlib.input_projection import InputProjection, MultimodalLLM, Stage1Config, caption_batch, encoder_dim
+from mmlib.input_projection import InputProjection, MultimodalLLM, Stage1Config, caption_loss, encoder_dim
 from mmlib.instruction import make_dialogues, stage3_losses, training_examples
 from mmlib.llm import LLMConfig, build_llm, lm_batch, text_corpus
 from mmlib.output_projection import (SignalLLM, Stage2Config, add_signal_tokens, projector_for, request,
@@ -204,10 +204,7 @@ def overall_losses(parts: Untrained, world: World, step: int, config: AllAtOnceC
     losses["decoder"] = sum(terms) / len(terms)
 
     # L(Encoder-LLM): stage 1's captions of inputs in every modality, through the input projection
-    size = config.caption_batch
-    scenes = world.scenes(world.split("train", size, start=step * size))
-    prompts, inputs, answers, _ = caption_batch(base, world, Stage1Config().modalities, scenes, step)
-    losses["encoder-llm"] = base.answer_loss(base.prepare(prompts, inputs, answers)).mean()
+    losses["encoder-llm"] = caption_loss(base, world, Stage1Config().modalities, step, config.caption_batch)
 
     # L(LLM-Decoder): stage 2's signal-token NLL and caption alignment, for every output
     terms = []

@@ -113,14 +113,10 @@ class StageStep(nn.Module):
         return [self._stage1, self._stage2, self._stage3][self.stage - 1](step, start, count)
 
     def _stage1(self, step: int, start: int, count: int) -> dict[str, torch.Tensor]:
-        from mmlib.input_projection import caption_batch
+        from mmlib.input_projection import caption_loss
 
-        size, world = self.config.batch_size, self.world
-        scenes = world.scenes(world.split("train", size, start=step * size))[start:start + count]
-        # caption_batch gives scene i modality (i + variant) % M: shifting the variant by `start`
-        # gives this share the modalities it has in the whole batch.
-        prompts, inputs, answers, _ = caption_batch(self.model, world, self.config.modalities, scenes, step + start)
-        return {"caption": self.model.answer_loss(self.model.prepare(prompts, inputs, answers)).mean()}
+        config, share = self.config, slice(start, start + count)
+        return {"caption": caption_loss(self.model, self.world, config.modalities, step, config.batch_size, share)}
 
     def _stage2(self, step: int, start: int, count: int) -> dict[str, torch.Tensor]:
         from mmlib.decoders import training_latents

@@ -110,3 +110,24 @@ def test_ci_runs_only_make_test():
     script = (ROOT / ".ci" / "run").read_text()
     commands = [line for line in script.splitlines() if line.strip() and not line.startswith("#")]
     assert commands[-1].strip() == "make test"
+
+
+def test_nbval_waits_for_a_slow_cells_outputs():
+    """The root conftest raises nbval's hard-coded 5 s wait for a cell's outputs (a loaded CI
+    machine once failed lesson 5 on it): collecting a notebook gives cells the longer wait."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+
+    seen = []
+
+    class Collect:
+        def pytest_collection_finish(self, session):
+            seen.extend(getattr(item, "output_timeout", None) for item in session.items)
+
+    code = pytest.main(["--nbval-lax", "--nbval-current-env", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "--rootdir", str(ROOT), str(NOTEBOOKS[0])], plugins=[Collect()])
+    assert code == 0 and seen
+    assert set(seen) == {conftest.NBVAL_OUTPUT_TIMEOUT} and conftest.NBVAL_OUTPUT_TIMEOUT >= 60

@@ -310,17 +310,19 @@ def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
     history, size = History(), config.batch_size
     model.eval()  # nothing frozen should change its behaviour (dropout, batch norm) while the projection trains
-    for step in trange(config.steps, desc="stage 1", leave=False, disable=not course_config.show_progress()):
-        scenes = world.scenes(world.split("train", size, start=step * size))
-        prompts, inputs, answers, kinds = caption_batch(model, world, config.modalities, scenes, step)
-        losses = model.answer_loss(model.prepare(prompts, inputs, answers))  # (B,)
-        optimizer.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        optimizer.step()
-        schedule.step()
-        kinds = np.array(kinds)
-        for modality in config.modalities:
-            history.loss.setdefault(modality, []).append(losses[torch.from_numpy(kinds == modality)].mean().item())
+    # with a GPU, the steps run there (encoders, LLM and projection); the model comes back on the CPU
+    with course_config.on_training_device(model):
+        for step in trange(config.steps, desc="stage 1", leave=False, disable=not course_config.show_progress()):
+            scenes = world.scenes(world.split("train", size, start=step * size))
+            prompts, inputs, answers, kinds = caption_batch(model, world, config.modalities, scenes, step)
+            losses = model.answer_loss(model.prepare(prompts, inputs, answers)).cpu()  # (B,)
+            optimizer.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            optimizer.step()
+            schedule.step()
+            kinds = np.array(kinds)
+            for modality in config.modalities:
+                history.loss.setdefault(modality, []).append(losses[torch.from_numpy(kinds == modality)].mean().item())
     return history
 
 

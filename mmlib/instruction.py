@@ -494,23 +494,26 @@ def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: Wo
     model.eval()  # frozen parts keep inference behaviour (LoRA dropout, if any, is the adapters' own)
     if config.tuning == "lora" and config.lora.dropout > 0:
         model.base.llm.train()
-    for step in trange(config.steps, desc="stage 3", leave=False, disable=not course_config.show_progress()):
-        dialogues = make_dialogues(world, "train", config.batch_size, templates, start=step * config.batch_size,
-                                   variant=step)
-        prompts, inputs, answers, turns = training_examples(model, world, dialogues)
-        latents = None
-        if "generation" in config.terms:
-            latents = _turn_latents(model, world, dialogues, config.generation_batch, generator)
-        parts = stage3_losses(model, prompts, inputs, answers, turns, config.terms, latents, schedulers, generator)
-        if "replay" in config.terms:
-            parts["replay"] = replay_loss(model, world, step, config.replay_batch)
-        total = sum(config.weights[name.split()[-1]] * value for name, value in parts.items())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        schedule.step()
-        for name, value in parts.items():
-            history.loss.setdefault(name, []).append(value.item())
+    # with a GPU, the steps run there, the decoders' frozen modules too; the model comes back on the CPU
+    with course_config.on_training_device(model, *model.decoder_modules()) as device:
+        for step in trange(config.steps, desc="stage 3", leave=False, disable=not course_config.show_progress()):
+            dialogues = make_dialogues(world, "train", config.batch_size, templates, start=step * config.batch_size,
+                                       variant=step)
+            prompts, inputs, answers, turns = training_examples(model, world, dialogues)
+            latents = None
+            if "generation" in config.terms:
+                latents = _turn_latents(model, world, dialogues, config.generation_batch, generator)
+                latents = {m: z.to(device) for m, z in latents.items()}
+            parts = stage3_losses(model, prompts, inputs, answers, turns, config.terms, latents, schedulers, generator)
+            if "replay" in config.terms:
+                parts["replay"] = replay_loss(model, world, step, config.replay_batch)
+            total = sum(config.weights[name.split()[-1]] * value for name, value in parts.items())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
+            for name, value in parts.items():
+                history.loss.setdefault(name, []).append(value.item())
     model.eval()
     return history
 

@@ -235,6 +235,14 @@ class SignalLLM(nn.Module):
         for decoder in decoders.values():
             decoder.freeze()
 
+    def decoder_modules(self) -> list[nn.Module]:
+        """The decoders' torch modules (UNet, VAE, text encoder), to move with the model: not submodules."""
+        modules = []
+        for decoder in self.decoders.values():
+            parts = decoder.pipeline.components.values() if hasattr(decoder, "pipeline") else [decoder.text_encoder]
+            modules += [part for part in parts if isinstance(part, nn.Module)]
+        return modules
+
     @property
     def outputs(self) -> list[str]:
         """The modalities this model can generate: those with signal tokens, a projector and a decoder."""
@@ -500,24 +508,28 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
             schedulers[modality] = noise_scheduler(decoder.config.unet.prediction_type)
     history = History()
     model.eval()  # frozen parts keep their inference behaviour; the projectors have no dropout
-    for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
-        total = 0.0
-        for modality in config.outputs:
-            rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
-            captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, step)
-            z = None
-            if "generation" in config.terms:
-                k = config.generation_batch[modality]
-                mean, std = latents[modality]
-                z = mean[rows[:k]] + std[rows[:k]] * torch.randn(mean[rows[:k]].shape, generator=generator)
-            parts = model.losses(modality, captions, targets, z, schedulers.get(modality), config.terms, step, generator)
-            for term, value in parts.items():
-                total = total + config.weights[term] * value
-                history.loss.setdefault(f"{modality} {term}", []).append(value.item())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        schedule.step()
+    # with a GPU, the steps run there, the decoders' frozen modules too; the model comes back on the CPU
+    with course_config.on_training_device(model, *model.decoder_modules()) as device:
+        for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
+            total = 0.0
+            for modality in config.outputs:
+                rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
+                captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, step)
+                z = None
+                if "generation" in config.terms:
+                    k = config.generation_batch[modality]
+                    mean, std = latents[modality]
+                    z = mean[rows[:k]] + std[rows[:k]] * torch.randn(mean[rows[:k]].shape, generator=generator)
+                    z = z.to(device)
+                parts = model.losses(modality, captions, targets, z, schedulers.get(modality), config.terms, step,
+                                     generator)
+                for term, value in parts.items():
+                    total = total + config.weights[term] * value
+                    history.loss.setdefault(f"{modality} {term}", []).append(value.item())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            schedule.step()
     merge_signal_rows(model)
     return history
 

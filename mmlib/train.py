@@ -514,11 +514,8 @@ def _checkpoint(accelerator, output: Path, model, optimizer, schedule, step: int
 
 def _move_decoders(model: nn.Module, device: torch.device) -> None:
     """The decoders are not submodules (their weights stay out of the stage's state): move them too."""
-    for decoder in getattr(model, "decoders", {}).values():
-        if hasattr(decoder, "pipeline"):
-            decoder.pipeline.to(device)
-        else:
-            decoder.text_encoder.to(device)
+    for module in model.decoder_modules() if hasattr(model, "decoder_modules") else []:
+        module.to(device)
 
 
 def run_stages(stages, output: str | Path = "runs", steps: int | None = None, init: str | None = None,

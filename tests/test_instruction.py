@@ -1,19 +1,21 @@
+import contextlib
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.data.captions import parse_caption
-from mmlib.input_projection import caption_batch
+from mmlib.input_projection import Stage1Config, caption_batch, train_stage1
 from mmlib.instruction import (OUTPUT_TAG, DialogueError, LoraSettings, Stage3Config, add_lora, load_dialogues,
                                load_stage3, load_templates, make_dialogues, prepare_stage3, prompt_for, replay_loss,
                                run_dialogues, save_dialogues, save_stage3, stage3_losses, train_stage3,
                                trainable_parameters, training_examples)
 from mmlib.llm import LLMConfig, llama_config
-from mmlib.output_projection import Stage2Config, build_signal_llm, merge_signal_rows
+from mmlib.output_projection import Stage2Config, build_signal_llm, merge_signal_rows, train_stage2
 from test_output_projection import TINY_STAGE2, base_model
 
 # Templates whose inputs the tests' one-encoder (image) model can read.
@@ -228,3 +230,57 @@ def test_peak_memory_measures_what_training_allocates_after_a_reset():
     del block
     reset_peak()
     assert during - before > 0.2 and peak_resident_gib() < during
+
+
+# -- the lesson loops train on the GPU where there is one ------------------------------------------
+
+
+def record_training_device(monkeypatch) -> list[tuple]:
+    """Record the modules each loop hands to `on_training_device` (which still moves them as usual)."""
+    seen, real = [], course_config.on_training_device
+
+    @contextlib.contextmanager
+    def recording(*modules):
+        seen.append(modules)
+        with real(*modules) as device:
+            yield device
+
+    monkeypatch.setattr(course_config, "on_training_device", recording)
+    return seen
+
+
+def decoder_parts(model) -> set[int]:
+    return {id(m) for d in model.decoders.values() for m in (d.pipeline.unet, d.pipeline.vae, d.pipeline.text_encoder)}
+
+
+def test_stage_loops_move_the_model_and_the_decoders_modules_to_the_training_device(monkeypatch, stage2):
+    seen = record_training_device(monkeypatch)
+    base = copy.deepcopy(stage2.base)
+    train_stage1(base, Stage1Config(modalities=("image",), steps=1, batch_size=2), World(seed=0))
+    assert [tuple(map(id, modules)) for modules in seen] == [(id(base),)]
+    for stage in (2, 3):
+        seen.clear()
+        model = copy.deepcopy(stage2)
+        if stage == 2:
+            train_stage2(model, Stage2Config(**{**TINY_STAGE2, "steps": 1}), World(seed=0))
+        else:
+            config = Stage3Config(**{**TINY_STAGE3, "steps": 1, "terms": ("answer", "alignment", "generation")})
+            train_stage3(prepare_stage3(model, config), config, World(seed=0), templates=IMAGE_TEMPLATES)
+        assert len(seen) == 1 and seen[0][0] is model, stage
+        assert decoder_parts(model) <= set(map(id, seen[0][1:])), f"stage {stage} leaves a decoder module behind"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (checked on the device machine)")
+def test_stage_loops_train_on_the_gpu_and_hand_back_cpu_models(monkeypatch, stage2):
+    monkeypatch.delenv("MMLIB_DEVICE", raising=False)
+    base = copy.deepcopy(stage2.base)
+    history = train_stage1(base, Stage1Config(modalities=("image",), steps=2, batch_size=4), World(seed=0))
+    assert all(np.isfinite(v).all() for v in history.loss.values())
+    model = copy.deepcopy(stage2)
+    histories = [train_stage2(model, Stage2Config(**TINY_STAGE2), World(seed=0))]
+    config = Stage3Config(**{**TINY_STAGE3, "terms": ("answer", "alignment", "generation", "replay")})
+    model = prepare_stage3(model, config)
+    histories.append(train_stage3(model, config, World(seed=0), templates=IMAGE_TEMPLATES))
+    assert all(np.isfinite(v).all() for h in histories for v in h.loss.values())
+    for module in (base, model, *model.decoder_modules()):
+        assert {p.device.type for p in module.parameters()} == {"cpu"}

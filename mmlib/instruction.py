@@ -586,14 +586,17 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
             read = judge.read(modality, outputs)
             for n, (i, _) in enumerate(items):
                 record = records[i]["turns"][k]
-                expect = dialogues[i].turns[k].expect
-                graded = [a for a in JUDGED[modality] if a in expect]
-                record["output_ok"] = all(read[a][n] == ATTRIBUTES[a].index(expect[a]) for a in graded)
+                record["output_ok"] = shows_expected(modality, read, n, dialogues[i].turns[k].expect)
                 if keep_outputs:
                     record["output"] = outputs[n]
     for record in records:
         record["success"] = all(t["text_ok"] and t["output_ok"] for t in record["turns"])
     return records
+
+
+def shows_expected(modality: str, read: dict[str, np.ndarray], n: int, expect: dict[str, str]) -> bool:
+    """Whether output `n`, as the judge `read` the batch, shows every expected attribute the judge reads."""
+    return all(read[a][n] == ATTRIBUTES[a].index(expect[a]) for a in JUDGED[modality] if a in expect)
 
 
 def success_rate(records: list[dict]) -> float:

@@ -7,9 +7,11 @@ import torch
 
 from mmlib import zoo
 from mmlib.anytoany import AnyToAny, Conversation
-from mmlib.data import World
+from mmlib.data import ATTRIBUTES, World
+from mmlib.data.captions import parse_caption
 from mmlib.decoders import OUTPUTS, decoders_to_link
 from mmlib.instruction import load_stage3
+from mmlib.judge import JUDGED
 from mmlib.output_projection import load_stage2
 
 
@@ -105,3 +107,46 @@ def test_the_grid_pools_every_one_turn_template_by_its_input_and_output(model, w
     assert all(cell["dialogues"] == 2 * len(cell["templates"]) for cell in grid.values())
     assert grid[("thermal", "image")]["tuned"] is False and grid[("image", "text")]["tuned"] is True
     assert grid[("image", "text")]["success"] >= 0.5  # lesson 6's model describes pictures
+
+
+class CaptionEcho:
+    """A decoder stand-in that 'draws' a caption as its attribute ids (-1 for what it does not name, or for
+    `blind`); given projected states it draws nothing the judge can read."""
+
+    def __init__(self, real, blind: str = ""):
+        self.real, self.blind = real, blind
+
+    @property
+    def conditioning_shape(self):
+        return self.real.conditioning_shape
+
+    def __call__(self, prompts=None, prompt_embeds=None, **options):
+        if prompts is None:
+            return torch.full((len(prompt_embeds), len(ATTRIBUTES)), -1)
+        said = [parse_caption(p) for p in prompts]
+        return torch.tensor([[ATTRIBUTES[a].index(s[a]) if a in s and a != self.blind else -1 for a in ATTRIBUTES]
+                             for s in said])
+
+
+class ReadIds:
+    """A judge stand-in for CaptionEcho's outputs."""
+
+    def read(self, modality, batch):
+        return {a: np.asarray(batch)[:, k] for k, a in enumerate(ATTRIBUTES) if a in JUDGED[modality]}
+
+
+def test_the_grids_ceiling_grades_the_decoder_on_the_caption_of_what_the_output_should_show(model, world, monkeypatch):
+    from mmlib.anytoany import combination_grid
+
+    real = model.model.decoders
+    monkeypatch.setattr(model.model, "decoders", {m: CaptionEcho(d) for m, d in real.items()})
+    grid = combination_grid(model.model, ReadIds(), world, per_template=2, ceiling=True)
+    outputs = {key: cell for key, cell in grid.items() if key[1] != "text"}
+    assert outputs and all(cell["ceiling"] == 1.0 for cell in outputs.values())  # the caption names all it should show
+    # the projected states drew nothing readable: a picture fails on every attribute expected of it
+    assert all(cell["success"] == 0.0 for key, cell in outputs.items() if key[1] == "image")
+    assert not any("ceiling" in cell for key, cell in grid.items() if key[1] == "text")
+    monkeypatch.setattr(model.model, "decoders", {m: CaptionEcho(d, blind="color") for m, d in real.items()})
+    grid = combination_grid(model.model, ReadIds(), world, per_template=2, ceiling=True)
+    # a picture shows its color to the judge: every sound or picture made from one must have it right
+    assert grid[("image", "audio")]["ceiling"] == grid[("image", "image")]["ceiling"] == 0.0

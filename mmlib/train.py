@@ -154,7 +154,7 @@ class StageStep(nn.Module):
             latents = {m: z.to(self.device) for m, z in latents.items()}
         counts = {}
         parts = stage3_losses(self.model, prompts, inputs, answers, turns, config.terms, latents, self.schedulers,
-                              generator, counts)
+                              generator, counts, config.fill_unknown)
         if "replay" in config.terms:
             size = config.replay_batch  # this share's rows of the replay batch, in proportion to its dialogues
             share = slice(start * size // config.batch_size, (start + count) * size // config.batch_size)

@@ -10,7 +10,7 @@ from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.data.captions import parse_caption
 from mmlib.input_projection import Stage1Config, caption_batch, train_stage1
-from mmlib.instruction import (OUTPUT_TAG, DialogueError, LoraSettings, Stage3Config, add_lora, load_dialogues,
+from mmlib.instruction import (OUTPUT_TAG, UNKNOWN_FILL, DialogueError, LoraSettings, Stage3Config, add_lora, alignment_values, load_dialogues,
                                load_stage3, load_templates, make_dialogues, prepare_stage3, prompt_for, replay_loss,
                                run_dialogues, save_dialogues, save_stage3, stage3_losses, train_stage3,
                                trainable_parameters, training_examples)
@@ -284,3 +284,29 @@ def test_stage_loops_train_on_the_gpu_and_hand_back_cpu_models(monkeypatch, stag
     assert all(np.isfinite(v).all() for h in histories for v in h.loss.values())
     for module in (base, model, *model.decoder_modules()):
         assert {p.device.type for p in module.parameters()} == {"cpu"}
+
+
+def test_alignment_fills_what_the_inputs_never_revealed_with_fixed_values():
+    world = World(seed=0)
+    film_imu, = make_dialogues(world, "train", 1, ["film-imu"])  # an IMU reading reveals motion and temperature
+    turn = film_imu.turns[0]
+    assert set(turn.expect) == {"motion", "temperature"}
+    filled = alignment_values(turn, fill_unknown=True)
+    assert (filled["motion"], filled["temperature"]) == (turn.values["motion"], turn.values["temperature"])
+    assert {a: filled[a] for a in ("shape", "color", "size", "position")} == \
+        {a: UNKNOWN_FILL[a] for a in ("shape", "color", "size", "position")}
+    assert alignment_values(turn) == turn.values  # the default: the scene's own values (the projector learns their average)
+    draw, = make_dialogues(world, "train", 1, ["draw-caption"])
+    assert {a: v for a, v in alignment_values(draw.turns[0], True).items() if a in draw.turns[0].expect} == \
+        draw.turns[0].expect
+
+
+def test_stage3_aligns_to_the_filled_caption_only_with_fill_unknown(stage2):
+    world = World(seed=0)
+    dialogues = make_dialogues(world, "train", 6, ["draw-caption"])
+    assert any(len(d.turns[0].expect) < 6 for d in dialogues)  # some captions leave attributes out
+    prompts, inputs, answers, turns = training_examples(stage2, world, dialogues)
+    plain = stage3_losses(stage2, prompts, inputs, answers, turns, ("alignment",))["image alignment"]
+    again = stage3_losses(stage2, prompts, inputs, answers, turns, ("alignment",))["image alignment"]
+    filled = stage3_losses(stage2, prompts, inputs, answers, turns, ("alignment",), fill_unknown=True)["image alignment"]
+    assert torch.equal(plain, again) and not torch.isclose(plain, filled)

@@ -81,8 +81,8 @@ def on_training_device(*modules: torch.nn.Module):
     """Train `modules` on `device()`, then hand them back on the CPU; yields the device.
 
     The lessons' loops (contrastive encoders, judge, VAE, denoiser, LLM pretraining, stages 1-3)
-    train inside it: with a GPU their steps run there, while evaluation, sampling and saving keep working on
-    CPU tensors as everywhere else in the course. On a CPU it changes nothing.
+    train inside it: with a GPU their steps run there, while evaluation, sampling and saving keep
+    working on CPU tensors as everywhere else in the course. On a CPU it changes nothing.
     """
     target = device()
     for module in modules:

@@ -167,43 +167,67 @@ def combination(turns) -> tuple[str, str]:
     return (inputs[0] if inputs else "text"), (outputs[0] if outputs else "text")
 
 
-def combination_grid(model, judge, world=None, per_template: int = 40, ceiling: bool = False) -> dict[tuple[str, str], dict]:
+def one_turn_dialogues(world, per_template: int):
+    """The grid's dialogues: every one-turn template of lesson 6 on `per_template` test scenes each.
+
+    Returns (dialogues, {template: its split}, the template table). A pure function of the world's
+    seed, so `combination_grid` and `decoder_ceiling` grade the same scenes.
+    """
+    from mmlib.instruction import load_templates, make_dialogues
+
+    table = load_templates()
+    names = {name: split for split in ("train", "test") for name, turns in table[split].items() if len(turns) == 1}
+    return make_dialogues(world, "test", per_template * len(names), list(names)), names, table
+
+
+def combination_grid(model, judge, world=None, per_template: int = 40) -> dict[tuple[str, str], dict]:
     """Judge-graded success of every one-turn template on `per_template` test scenes, per (input, output).
 
     Each cell pools the templates of its combination: ``{"success", "dialogues", "templates",
     "tuned"}``, where `tuned` says whether a training template has that combination (the others
     are lesson 6's held-out templates). All dialogues are held in one batched `run_dialogues`.
-    With `ceiling`, output cells also get ``"ceiling"``: the success of the same decoder given the
-    canonical caption of all the output should show instead of the projected signal states (lesson
-    3's decoder alone, graded on the same attributes); what the cell loses below it is the links'.
     """
     from mmlib.data import World
-    from mmlib.decoders import captioned_attributes
-    from mmlib.instruction import load_templates, make_dialogues, run_dialogues, shows_expected
-    from mmlib.llm import canonical_caption
+    from mmlib.instruction import run_dialogues
 
     world = world or World()
-    table = load_templates()
-    names = {name: split for split in ("train", "test") for name, turns in table[split].items() if len(turns) == 1}
-    dialogues = make_dialogues(world, "test", per_template * len(names), list(names))
+    dialogues, names, table = one_turn_dialogues(world, per_template)
     records = run_dialogues(model, world, dialogues, judge)
-    if ceiling:
-        for modality in model.outputs:
-            rows = [i for i, d in enumerate(dialogues) if d.turns[0].output == modality]
-            captions = [canonical_caption(dialogues[i].turns[0].values, captioned_attributes(modality)) for i in rows]
-            options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
-            read = judge.read(modality, model.decoders[modality](captions, **options)) if rows else {}
-            for n, i in enumerate(rows):
-                records[i]["ceiling"] = shows_expected(modality, read, n, dialogues[i].turns[0].expect)
     grid = {}
     for name, split in names.items():
-        cell = grid.setdefault(combination(table[split][name]), {"outcomes": [], "ceilings": [], "templates": [],
-                                                                 "tuned": False})
+        cell = grid.setdefault(combination(table[split][name]), {"outcomes": [], "templates": [], "tuned": False})
         cell["outcomes"] += [r["success"] for r in records if r["template"] == name]
-        cell["ceilings"] += [r["ceiling"] for r in records if r["template"] == name and "ceiling" in r]
         cell["templates"].append(name)
         cell["tuned"] |= split == "train"
     return {key: {"success": float(np.mean(c["outcomes"])), "dialogues": len(c["outcomes"]),
-                  "templates": c["templates"], "tuned": c["tuned"],
-                  **({"ceiling": float(np.mean(c["ceilings"]))} if c["ceilings"] else {})}
-            for key, c in grid.items()}
+                  "templates": c["templates"], "tuned": c["tuned"]} for key, c in grid.items()}
+
+
+def decoder_ceiling(model, judge, world=None, per_template: int = 40, cells=None) -> dict[tuple[str, str], float]:
+    """The grid's output cells as the decoder alone makes them: the best the links could do.
+
+    For the same dialogues as `combination_grid` (cells `cells`, default every output cell), the
+    decoder is given the canonical caption of all the output should show, instead of the projected
+    signal states, and graded on the same attributes. What a cell loses below its ceiling is the
+    links' doing; what the ceiling loses is the decoder's (lesson 3).
+    """
+    from mmlib.data import World
+    from mmlib.decoders import captioned_attributes
+    from mmlib.instruction import shows_expected
+    from mmlib.llm import canonical_caption
+
+    world = world or World()
+    dialogues, names, table = one_turn_dialogues(world, per_template)
+    key = {name: combination(table[split][name]) for name, split in names.items()}
+    cells = set(cells) if cells is not None else {k for k in key.values() if k[1] != "text"}
+    outcomes = {}
+    for modality in model.outputs:
+        rows = [d for d in dialogues if key[d.template] in cells and d.turns[0].output == modality]
+        if not rows:
+            continue
+        captions = [canonical_caption(d.turns[0].values, captioned_attributes(modality)) for d in rows]
+        options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
+        read = judge.read(modality, model.decoders[modality](captions, **options))
+        for n, d in enumerate(rows):
+            outcomes.setdefault(key[d.template], []).append(shows_expected(modality, read, n, d.turns[0].expect))
+    return {cell: float(np.mean(values)) for cell, values in outcomes.items()}

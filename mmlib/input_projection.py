@@ -286,9 +286,9 @@ def caption_batch(model: MultimodalLLM, world: World, modalities, scenes, varian
     return prompts, inputs, answers, kinds
 
 
-def caption_loss(model: MultimodalLLM, world: World, modalities, step: int, size: int,
-                 share: slice = slice(None)) -> torch.Tensor:
-    """Stage 1's mean loss on rows `share` of step `step`'s batch of `size` captioned inputs.
+def caption_losses(model: MultimodalLLM, world: World, modalities, step: int, size: int,
+                   share: slice = slice(None)) -> tuple[torch.Tensor, list[str]]:
+    """Stage 1's loss of each of rows `share` of step `step`'s batch of `size` captioned inputs: (B,), modalities.
 
     The batch depends on (seed, step) alone, and a share keeps the modalities its rows have in the
     whole batch, so processes that each take a share (`mmlib.train`) see the one-process batch.
@@ -296,8 +296,14 @@ def caption_loss(model: MultimodalLLM, world: World, modalities, step: int, size
     scenes = world.scenes(world.split("train", size, start=step * size))[share]
     # caption_batch gives scene i modality (i + variant) % M: offsetting the variant by the
     # share's start gives its rows the modalities they have in the whole batch
-    prompts, inputs, answers, _ = caption_batch(model, world, modalities, scenes, step + (share.start or 0))
-    return model.answer_loss(model.prepare(prompts, inputs, answers)).mean()
+    prompts, inputs, answers, kinds = caption_batch(model, world, modalities, scenes, step + (share.start or 0))
+    return model.answer_loss(model.prepare(prompts, inputs, answers)), kinds
+
+
+def caption_loss(model: MultimodalLLM, world: World, modalities, step: int, size: int,
+                 share: slice = slice(None)) -> torch.Tensor:
+    """Stage 1's mean loss on rows `share` of step `step`'s batch (see `caption_losses`)."""
+    return caption_losses(model, world, modalities, step, size, share)[0].mean()
 
 
 def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world: World | None = None) -> History:
@@ -313,9 +319,8 @@ def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world
     # with a GPU, the steps run there (encoders, LLM and projection); the model comes back on the CPU
     with course_config.on_training_device(model):
         for step in trange(config.steps, desc="stage 1", leave=False, disable=not course_config.show_progress()):
-            scenes = world.scenes(world.split("train", size, start=step * size))
-            prompts, inputs, answers, kinds = caption_batch(model, world, config.modalities, scenes, step)
-            losses = model.answer_loss(model.prepare(prompts, inputs, answers)).cpu()  # (B,)
+            losses, kinds = caption_losses(model, world, config.modalities, step, size)
+            losses = losses.cpu()  # (B,)
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
             optimizer.step()

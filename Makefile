@@ -33,13 +33,19 @@ LATE_DOCTESTS := mmlib/anytoany.py
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
 # Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
 # Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the
-# UNets, and lesson 7's regime (a) (from scratch, it needs nothing) ends A's list. The judge,
-# ImageBind (ready before A's stage 1 asks for it) and lesson 6's frozen and full runs go to B, to
-# even out the two processes' time.
-PREBUILT_A ?= clip audio-decoder llm stage1 stage2 stage3 all-at-once
-PREBUILT_B ?= judge imagebind image-vae image-decoder video-decoder stage3-frozen stage3-full
+# UNets, then lesson 6's frozen-LLM run, and lesson 7's regime (a) (from scratch, it needs nothing)
+# ends A's list. The judge, ImageBind (ready before A's stage 1 asks for it) and lesson 6's full
+# fine-tuning go to B, to even out the two processes' time.
+PREBUILT_A ?= clip audio-decoder llm stage1 stage2 stage3 stage3-frozen all-at-once
+PREBUILT_B ?= judge imagebind image-vae image-decoder video-decoder stage3-full
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+# Python may cache the bytecode of what it imports. With PYTHONDONTWRITEBYTECODE set (some CI
+# images and containers set it) nothing is cached, and since the venv is installed --no-compile,
+# every process compiles torch, transformers and diffusers from source again: 13 s instead of 6 to
+# load lesson 7's model, in each of the ~25 processes and kernels of make test (measured,
+# benchmarks/startup.py). Our recipes cache it: only .venv and the ignored __pycache__ folders get it.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: lab test course bench venv
 
@@ -64,7 +70,7 @@ lab: venv
 # Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
 # tests, the doctests and the early notebooks, then LATE_A and the late doctests. Meanwhile B trains
 # PREBUILT_B (the judge, ImageBind and the decoders; ImageBind and image-decoder wait for A's clip,
-# the stage-3 runs for A's stage2), then runs LATE_B.
+# the stage-3 full run for A's stage2), then runs LATE_B.
 # Tests and notebooks share the cache instead of each waiting on another's lock.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \

@@ -131,3 +131,17 @@ def test_nbval_waits_for_a_slow_cells_outputs():
                         "--rootdir", str(ROOT), str(NOTEBOOKS[0])], plugins=[Collect()])
     assert code == 0 and seen
     assert set(seen) == {conftest.NBVAL_OUTPUT_TIMEOUT} and conftest.NBVAL_OUTPUT_TIMEOUT >= 60
+
+
+def test_make_recipes_let_python_cache_bytecode():
+    """With PYTHONDONTWRITEBYTECODE in the environment, every process of make test compiled torch,
+    transformers and diffusers again (the venv is installed --no-compile): the Makefile's recipes
+    run without it (benchmarks/startup.py measures the difference)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    shown = subprocess.run(["make", "-s", "-C", str(ROOT), "--eval", 'shown: ; @echo "[$$PYTHONDONTWRITEBYTECODE]"',
+                            "shown"], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "[]"

@@ -281,8 +281,9 @@ class SignalLLM(nn.Module):
         """The three terms of L(LLM-Decoder) for instructions asking for `modality` of `captions`.
 
         `targets` are the captions whose text-encoder states the projector is aligned to (the
-        scenes' canonical captions), `latents` the scenes' VAE latents for the generation term
-        (the first ``len(latents)`` instructions).
+        scenes' canonical captions), or those states already encoded (`alignment_targets`);
+        `latents` the scenes' VAE latents for the generation term (the first ``len(latents)``
+        instructions).
         """
         self.check_output(modality)
         prompts = [request(modality, caption, variant + i) for i, caption in enumerate(captions)]
@@ -298,7 +299,8 @@ class SignalLLM(nn.Module):
             projected = self.projectors[modality](self.signal_states(out.hidden_states[-1], batch["labels"], modality))
             decoder = self.decoders[modality]
             if "alignment" in terms:
-                text_states = decoder.prompt_embeds(targets)  # (B, tokens, dim); AudioLDM: one (B, dim) vector
+                # (B, tokens, dim); AudioLDM: one (B, dim) vector
+                text_states = targets if isinstance(targets, torch.Tensor) else decoder.prompt_embeds(targets)
                 parts["alignment"] = caption_alignment_loss(projected, text_states.view(projected.shape))
             if "generation" in terms and latents is not None:
                 parts["generation"] = generation_loss(decoder, scheduler, projected[: len(latents)], latents, generator)
@@ -484,8 +486,25 @@ def stage2_requests(world: World, batch, modality: str, step: int) -> tuple[list
     half = len(batch) // 2
     captions = (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
                 + world.captions(batch[half:], variant=step, mention="all")[0])
-    targets = [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
-    return captions, targets
+    return captions, target_captions(batch, modality)
+
+
+def target_captions(batch, modality: str) -> list[str]:
+    """The canonical captions of what `modality`'s output of each scene shows: what stage 2 aligns to."""
+    among = captioned_attributes(modality)
+    return [canonical_caption(batch.describe(i), among) for i in range(len(batch))]
+
+
+@torch.no_grad()
+def alignment_targets(decoder: Decoder, scenes, modality: str, batch_size: int = 256) -> torch.Tensor:
+    """The decoder's text states of every scene's `target_captions`, (N, tokens, dim) (AudioLDM: (N, dim)).
+
+    The text encoder is frozen, so stage 2 encodes its training scenes once instead of at every
+    step. Each row is the same, bit for bit, as when encoded in a step's batch (checked at one thread).
+    """
+    return torch.cat([decoder.prompt_embeds(target_captions(scenes[np.arange(i, min(i + batch_size, len(scenes)))],
+                                                            modality))
+                      for i in range(0, len(scenes), batch_size)])
 
 
 def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: World | None = None) -> History:
@@ -510,11 +529,16 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
     model.eval()  # frozen parts keep their inference behaviour; the projectors have no dropout
     # with a GPU, the steps run there, the decoders' frozen modules too; the model comes back on the CPU
     with course_config.on_training_device(model, *model.decoder_modules()) as device:
+        # the frozen text encoders' states of every training scene, once: a step picks its rows
+        aligned = {m: alignment_targets(model.decoders[m], scenes, m) for m in config.outputs} \
+            if "alignment" in config.terms else {}
         for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
             total = 0.0
             for modality in config.outputs:
                 rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
                 captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, step)
+                if modality in aligned:
+                    targets = aligned[modality][rows.to(device)]
                 z = None
                 if "generation" in config.terms:
                     k = config.generation_batch[modality]

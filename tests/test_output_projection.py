@@ -12,8 +12,9 @@ from mmlib.input_projection import InputProjectionConfig, build_multimodal_llm
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm
 from mmlib.output_projection import (SIGNAL_INIT, OutputProjector, OutputProjectorConfig, SignalLLM, Stage2Config,
                                      add_signal_tokens, build_signal_llm, caption_alignment_loss, check_conditioning,
-                                     generation_loss, load_stage2, projector_for, request, save_stage2, signal_names,
-                                     signal_nll, train_stage2)
+                                     alignment_targets, generation_loss, load_stage2, projector_for, request,
+                                     save_stage2, signal_names, signal_nll, stage2_requests, target_captions,
+                                     train_stage2)
 
 TINY_LLM = LLMConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
 TINY_STAGE2 = dict(projector=OutputProjectorConfig(kind="mlp", feedforward=32), signal_tokens={"image": 2, "audio": 2, "video": 2},
@@ -148,6 +149,24 @@ def test_the_nll_term_scores_the_signal_tokens_and_not_the_end_of_text(trained):
               for t in range(1, logits.shape[1]) if batch["labels"][b, t] in signals]
     assert len(scored) == 2 * len(signals)
     assert torch.allclose(nll, torch.stack(scored).mean(), atol=1e-5)
+
+
+def test_stage2s_alignment_targets_encoded_once_are_each_steps_text_states(trained):
+    """train_stage2 encodes its scenes' target captions once (the text encoder is frozen): a step's rows
+    must be the states of that step's own targets, and the loss given them the loss given the captions."""
+    model, _, _ = trained
+    world = World(seed=0)
+    scenes = world.scenes(world.split("train", 10))
+    rows = torch.tensor([7, 2, 2, 9])
+    for modality in ("image", "audio", "video"):
+        encoded = alignment_targets(model.decoders[modality], scenes, modality, batch_size=4)  # 3 uneven batches
+        captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, 5)
+        assert targets == target_captions(scenes[rows.numpy()], modality)
+        assert torch.allclose(encoded[rows], model.decoders[modality].prompt_embeds(targets), atol=1e-6)
+        with torch.no_grad():
+            given = model.losses(modality, captions, encoded[rows], None, terms=("alignment",))["alignment"]
+            own = model.losses(modality, captions, targets, None, terms=("alignment",))["alignment"]
+        assert torch.allclose(given, own, atol=1e-6)
 
 
 def test_stage2_learns_to_ask_and_align(tokenizer, frozen):

@@ -501,6 +501,7 @@ def alignment_targets(decoder: Decoder, scenes, modality: str, batch_size: int =
 
     The text encoder is frozen, so stage 2 encodes its training scenes once instead of at every
     step. Each row is the same, bit for bit, as when encoded in a step's batch (checked at one thread).
+    Full scale: 2,048 scenes of SD's 77 x 768 states take 0.5 GB.
     """
     return torch.cat([decoder.prompt_embeds(target_captions(scenes[np.arange(i, min(i + batch_size, len(scenes)))],
                                                             modality))
@@ -530,8 +531,8 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
     # with a GPU, the steps run there, the decoders' frozen modules too; the model comes back on the CPU
     with course_config.on_training_device(model, *model.decoder_modules()) as device:
         # the frozen text encoders' states of every training scene, once: a step picks its rows
-        aligned = {m: alignment_targets(model.decoders[m], scenes, m) for m in config.outputs} \
-            if "alignment" in config.terms else {}
+        aligned = ({m: alignment_targets(model.decoders[m], scenes, m) for m in config.outputs}
+                   if "alignment" in config.terms else {})
         for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
             total = 0.0
             for modality in config.outputs:

@@ -275,13 +275,14 @@ class SignalLLM(nn.Module):
                             position_ids=batch["position_ids"], output_hidden_states=True)
         return batch, out
 
-    def losses(self, modality: str, captions: list[str], targets: list[str], latents: torch.Tensor | None,
-               scheduler=None, terms=TERMS, variant: int = 0,
+    def losses(self, modality: str, captions: list[str], targets: list[str] | torch.Tensor | None,
+               latents: torch.Tensor | None, scheduler=None, terms=TERMS, variant: int = 0,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The three terms of L(LLM-Decoder) for instructions asking for `modality` of `captions`.
 
         `targets` are the captions whose text-encoder states the projector is aligned to (the
-        scenes' canonical captions), or those states already encoded (`alignment_targets`);
+        scenes' canonical captions), or those states already encoded (`alignment_targets`; None
+        without the alignment term);
         `latents` the scenes' VAE latents for the generation term (the first ``len(latents)``
         instructions).
         """
@@ -479,14 +480,18 @@ def stage2_groups(model: SignalLLM, config: Stage2Config) -> list[dict]:
 
 def stage2_requests(world: World, batch, modality: str, step: int) -> tuple[list[str], list[str]]:
     """Captions to ask `modality` of, and the canonical captions the projector aligns to, for `batch` scenes."""
+    return request_captions(world, batch, modality, step), target_captions(batch, modality)
+
+
+def request_captions(world: World, batch, modality: str, step: int) -> list[str]:
+    """The captions stage 2's requests for `modality` of `batch` scenes ask about, worded by `step`."""
     among = captioned_attributes(modality)
     # Half the requests describe what this output can show, half the whole scene: trained on
     # the first kind alone, the LM-head rows learn "a caption with a position asks for a
     # picture" and answer a sound request about a full caption with [IMG0].
     half = len(batch) // 2
-    captions = (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
-                + world.captions(batch[half:], variant=step, mention="all")[0])
-    return captions, target_captions(batch, modality)
+    return (world.captions(batch[:half], variant=step, mention="all", among=among)[0]
+            + world.captions(batch[half:], variant=step, mention="all")[0])
 
 
 def target_captions(batch, modality: str) -> list[str]:
@@ -503,8 +508,7 @@ def alignment_targets(decoder: Decoder, scenes, modality: str, batch_size: int =
     step. Each row is the same, bit for bit, as when encoded in a step's batch (checked at one thread).
     Full scale: 2,048 scenes of SD's 77 x 768 states take 0.5 GB.
     """
-    return torch.cat([decoder.prompt_embeds(target_captions(scenes[np.arange(i, min(i + batch_size, len(scenes)))],
-                                                            modality))
+    return torch.cat([decoder.prompt_embeds(target_captions(scenes[i : i + batch_size], modality))
                       for i in range(0, len(scenes), batch_size)])
 
 
@@ -537,9 +541,8 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
             total = 0.0
             for modality in config.outputs:
                 rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)
-                captions, targets = stage2_requests(world, scenes[rows.numpy()], modality, step)
-                if modality in aligned:
-                    targets = aligned[modality][rows.to(device)]
+                captions = request_captions(world, scenes[rows.numpy()], modality, step)
+                targets = aligned[modality][rows.to(device)] if aligned else None  # only alignment reads them
                 z = None
                 if "generation" in config.terms:
                     k = config.generation_batch[modality]

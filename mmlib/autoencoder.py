@@ -96,7 +96,7 @@ def train_autoencoder(modality: str, config: AutoencoderConfig, world: World | N
     course_config.seed_everything()
     vae = build_autoencoder(config, size=world.config.image_size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.1)
     vae.train()
     with course_config.on_training_device(vae) as device:
         for step in trange(config.steps, desc=f"{modality} VAE", leave=False, disable=not course_config.show_progress()):

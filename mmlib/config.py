@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import os
 import random
 import typing
@@ -115,6 +116,19 @@ def seed_everything(value: int | None = None) -> int:
     np.random.seed(value % 2**32)
     torch.manual_seed(value)
     return value
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Every training loop's schedule: the first `warmup` of `steps` rise to each group's ``lr``, the rest
+    anneal (torch's ``OneCycleLR``). Step it once per optimizer step."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"a training run needs a positive whole number of steps, got {steps!r}: set the config's steps")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"the warm-up is a fraction of the steps in [0, 1), got {warmup!r}")
+    if abs(warmup * steps - 1) < 1e-9:  # torch divides by (warm-up steps - 1): one step of warm-up is none
+        warmup = (1 - 1e-6) / steps
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                               total_steps=steps, pct_start=warmup)
 
 
 def show_progress() -> bool:

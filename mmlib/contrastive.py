@@ -106,10 +106,7 @@ def train_contrastive(
     for group in groups:
         group.setdefault("lr", config.lr)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[group["lr"] for group in groups], total_steps=config.steps,
-        pct_start=config.warmup_fraction,
-    )
+    schedule = course_config.one_cycle(optimizer, config.steps, config.warmup_fraction)
     history, start = History(), time.perf_counter()
 
     def run_evaluation(step: int) -> None:

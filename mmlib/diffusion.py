@@ -171,7 +171,7 @@ def train_denoiser(unet, scheduler: DDPMScheduler, latents: torch.Tensor, captio
     course_config.seed_everything()
     generator = torch.Generator().manual_seed(course_config.seed())
     optimizer = torch.optim.AdamW(list(parameters or unet.parameters()), lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     losses = []
     unet.train()
     with course_config.on_training_device(unet) as device:

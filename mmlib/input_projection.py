@@ -313,7 +313,7 @@ def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
     optimizer = torch.optim.AdamW(model.projection.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     history, size = History(), config.batch_size
     model.eval()  # nothing frozen should change its behaviour (dropout, batch norm) while the projection trains
     # with a GPU, the steps run there (encoders, LLM and projection); the model comes back on the CPU

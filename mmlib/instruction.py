@@ -508,8 +508,7 @@ def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: Wo
         check_choice("L(Encoder-Decoder) term", term, list(TERMS))
     groups = stage3_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                   total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     generator = torch.Generator().manual_seed(course_config.seed())
     schedulers = ({m: noise_scheduler(model.decoders[m].config.unet.prediction_type) for m in model.outputs}
                   if "generation" in config.terms else {})  # DecoderText has no UNet, nor needs a scheduler

@@ -84,7 +84,7 @@ def train_classifier(modality: str, config: JudgeConfig, world: World, steps: in
     model = AttributeClassifier(modality, getattr(config, modality))
     steps = steps or config.steps[modality]
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
+    schedule = course_config.one_cycle(optimizer, steps, 0.1)
     generator = torch.Generator().manual_seed(world.seed)
     model.train()
     with course_config.on_training_device(model) as device:

@@ -195,8 +195,7 @@ def train_llm(tokenizer: PreTrainedTokenizerFast, config: LLMConfig | None = Non
     world = world or World()
     model = build_llm(tokenizer, config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
-                                                   pct_start=config.warmup_fraction)
+    schedule = course_config.one_cycle(optimizer, config.steps, config.warmup_fraction)
     history = History()
     size = config.batch_size
     with course_config.on_training_device(model) as device:

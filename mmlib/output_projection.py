@@ -520,8 +520,7 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
         check_choice("L(LLM-Decoder) term", term, list(TERMS))
     groups = stage2_groups(model, config)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                   total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     generator = torch.Generator().manual_seed(course_config.seed())
     scenes = world.scenes(world.split("train", config.training_scenes))
     latents, schedulers = {}, {}

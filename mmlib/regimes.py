@@ -230,7 +230,7 @@ def train_all_at_once(config: AllAtOnceConfig | None = None, world: World | None
     world = world or World()
     parts = build_untrained(world)
     optimizer = torch.optim.AdamW(parts.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     generator = torch.Generator().manual_seed(course_config.seed())
     history, start = History(), time.perf_counter()
     parts.model.train()

@@ -417,8 +417,7 @@ def run(stage: int, output: str | Path, steps: int | None = None, init: str | No
     step_module = StageStep(stage, build_stage(stage, config, init), config, World())
     _move_decoders(step_module.model, accelerator.device)
     optimizer = torch.optim.AdamW(step_module.groups(), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                                   total_steps=config.steps, pct_start=0.05)
+    schedule = course_config.one_cycle(optimizer, config.steps, 0.05)
     # The scheduler is stepped here once per optimizer step, not prepared: accelerate's wrapper
     # would step it once per process.
     if accelerator.state.deepspeed_plugin is not None:

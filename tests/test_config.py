@@ -119,3 +119,50 @@ def test_lesson_loops_train_on_the_gpu_and_hand_back_cpu_modules(monkeypatch):
     assert layer.weight.device.type == "cpu"
     model = train_classifier("image", JudgeConfig(), World(seed=0), steps=3)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_one_cycle_is_torchs_schedule_rising_to_each_groups_rate():
+    def rates(make, steps):
+        layer = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.AdamW([{"params": [layer.weight], "lr": 1e-2}, {"params": [layer.bias], "lr": 1e-3}])
+        schedule, seen = make(optimizer, steps), []
+        for _ in range(steps):
+            seen.append([g["lr"] for g in optimizer.param_groups])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    ours = rates(lambda o, n: config.one_cycle(o, n, 0.05), 100)
+    torchs = rates(lambda o, n: torch.optim.lr_scheduler.OneCycleLR(o, [1e-2, 1e-3], total_steps=n, pct_start=0.05), 100)
+    assert ours == torchs
+    assert max(r[0] for r in ours) == pytest.approx(1e-2) and max(r[1] for r in ours) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("steps, warmup", [(20, 0.05), (10, 0.1), (1, 0.05)])
+def test_one_cycle_takes_a_warm_up_of_one_step_or_less(steps, warmup):
+    # torch's OneCycleLR divides by zero when the warm-up is exactly one step (20 steps at 0.05)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    schedule, seen = config.one_cycle(optimizer, steps, warmup), []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in seen) and seen == sorted(seen, reverse=True)
+
+
+@pytest.mark.parametrize("steps, warmup, message", [(0, 0.05, "positive whole number of steps"),
+                                                    (2.5, 0.05, "positive whole number of steps"),
+                                                    (10, 1.5, "fraction of the steps")])
+def test_one_cycle_rejects_bad_steps_and_warm_up(steps, warmup, message):
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=message):
+        config.one_cycle(optimizer, steps, warmup)
+
+
+def test_a_lesson_loop_trains_with_a_one_step_warm_up():
+    from mmlib.data import World
+    from mmlib.judge import JudgeConfig, train_classifier
+
+    model = train_classifier("image", JudgeConfig(), World(seed=0), steps=10)  # warm-up 0.1 of 10 steps: one
+    assert all(torch.isfinite(p).all() for p in model.parameters())

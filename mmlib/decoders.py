@@ -492,8 +492,8 @@ course_config.register_section("image_vae", AutoencoderConfig)
 course_config.register_section("audio_vae", AudioAutoencoderConfig)
 _vae_entry("image", AutoencoderConfig)
 _vae_entry("audio", AudioAutoencoderConfig)
-_decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures")
-_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=2)
+_decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version=2)
+_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3)
 _decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3)
 
 

@@ -343,10 +343,9 @@ class Stage3Config:
     projections: bool = True  # also train the input projection and the output projectors (NExT-GPT does)
     # L(Encoder-Decoder)'s "answer" and "alignment"; + "generation": the denoising loss through the
     # frozen UNets; + "replay": stage 1's captions rehearsed (L(Encoder-LLM)). Replay keeps every
-    # attribute of every input read as well as after stage 1 (>= 0.94 at seeds 0 and 1; without
-    # it, down to 0.77 at seed 1) and lifts lesson 6's held-out dialogues at seed 0 from 0.88 to
-    # 0.97; but lesson 7's grid then has (imu, video) at 0.78 at seed 0 (0.85 without, 40
-    # dialogues each), below its 0.80 bar, so the zoo trains without it (see fill_unknown).
+    # attribute of every input read as well as after stage 1 (>= 0.97 at seeds 0 and 1; without
+    # it, down to 0.80 at seed 1). Alone it costs lesson 7's (imu, video) cell at seed 0 (0.78), so
+    # the tiny zoo trains it with fill_unknown (configs/tiny.yaml has the figures).
     terms: tuple = ("answer", "alignment")
     steps: int = 600
     batch_size: int = 24  # dialogues per step (one to two turns each)
@@ -358,9 +357,9 @@ class Stage3Config:
     # attribute (a clip asked of an IMU reading: no shape, color, size or position) the projector
     # learns the average of its values, a condition unlike any caption the decoder knows. True:
     # those attributes get fixed values (UNKNOWN_FILL), a plain caption. Measured at tiny scale,
-    # lesson 7's grid (imu, video) goes from 0.78-0.85 to >= 0.88 at seeds 0 and 1. With replay as
-    # well the grid holds at both seeds (weakest tuned cell 0.82 and 0.85, 40 dialogues each), but
-    # lesson 6's held-out dialogues fall to 0.75 at seed 1 (0.95 at seed 0), so the zoo keeps neither.
+    # lesson 7's grid (imu, video) goes from 0.78-0.85 to >= 0.88 at seeds 0 and 1. The tiny zoo
+    # trains with replay and fill_unknown together (configs/tiny.yaml); NExT-GPT's recipe, the
+    # default here, has neither.
     fill_unknown: bool = False
     weights: dict = field(default_factory=lambda: {"answer": 1.0, "alignment": 1.0, "generation": 1.0, "replay": 1.0})
 
@@ -710,7 +709,7 @@ def _train_into(folder: Path, config: Stage3Config) -> None:
     save_stage3(model, history, config, folder)
 
 
-@zoo.entry("stage3", load=load_stage3, version=3, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
+@zoo.entry("stage3", load=load_stage3, version=4, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
            lesson="06_lora_instruction_tuning.ipynb")
 def _train_zoo_stage3(folder: Path) -> None:
     _train_into(folder, course_config.scale_config("stage3", Stage3Config))
@@ -725,7 +724,7 @@ def _tuning_entry(name: str, changes: dict) -> None:
     def train(folder: Path) -> None:
         _train_into(folder, replace(course_config.scale_config("stage3", Stage3Config), **changes))
 
-    zoo.entry(f"stage3-{name}", load=load_stage3, version=2, description=f"the zoo's stage 3 with {changes}",
+    zoo.entry(f"stage3-{name}", load=load_stage3, version=3, description=f"the zoo's stage 3 with {changes}",
               lesson="06_lora_instruction_tuning.ipynb")(train)
 
 

@@ -15,7 +15,8 @@ trained through LoRA adapters on the LLM's attention (only low-rank updates ``W 
 answer starts is about the scene, not about what the user asked for. Tuned on dialogues alone,
 the model forgets part of how to read its inputs (at seed 1 a picture's position is read right
 0.80 of the time after stage 3, 0.92 before); the "replay" term (`replay_loss`) rehearses stage
-1's captions every step against that. It is not in the zoo's recipe: see `Stage3Config.terms`.
+1's captions every step against that. The tiny zoo trains with it (configs/tiny.yaml); NExT-GPT's
+recipe, the dataclass default, does not: see `Stage3Config.terms`.
 
 - The dialogues come from the world and the templates in ``data/dialogues/templates.yaml``
   (`make_dialogues`): a template's placeholders are filled with the scene rendered in that

@@ -175,13 +175,13 @@ def train_digits_clip(config: ClipConfig, tokenizer, dataset=None, steps: int = 
 
 
 @zoo.entry("clip", load=TrainedEncoders.load, version=2, description="tiny CLIP: image and text encoders",
-           lesson="01_contrastive_encoders.ipynb")
+           lesson="01_contrastive_encoders.ipynb", sections=("clip",), needs=("tokenizer",))
 def _train_zoo_clip(folder: Path) -> None:
     train_clip(course_config.scale_config("clip", ClipConfig), zoo.load("tokenizer")).save(folder)
 
 
 @zoo.entry("clap", load=TrainedEncoders.load, version=2, description="tiny CLAP: audio and text encoders",
-           lesson="01_contrastive_encoders.ipynb")
+           lesson="01_contrastive_encoders.ipynb", sections=("clap",), needs=("tokenizer",))
 def _train_zoo_clap(folder: Path) -> None:
     train_clap(course_config.scale_config("clap", ClapConfig), zoo.load("tokenizer")).save(folder)
 

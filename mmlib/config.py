@@ -222,10 +222,39 @@ def _read_scale_file(scale_name: str) -> dict:
     return data
 
 
+# What the zoo's training runs read: a stack of sets of (kind, name) records, one per entry in
+# training (the innermost gets each read), so that `mmlib.zoo` can check that an entry declares
+# every config section, data file and other entry its training depends on.
+_READ_LOGS: list[set] = []
+
+
+@contextlib.contextmanager
+def recording_reads():
+    """Collect, in the set it yields, the ``(kind, name)`` of every `note_read` inside the block."""
+    log: set = set()
+    _READ_LOGS.append(log)
+    try:
+        yield log
+    finally:
+        _READ_LOGS.pop()
+
+
+def note_read(kind: str, name: str) -> None:
+    """Record that a ``section``, ``file`` (under data/) or zoo ``entry`` was read (see `recording_reads`)."""
+    if _READ_LOGS:
+        _READ_LOGS[-1].add((kind, name))
+
+
+def section_values(section: str, scale_name: str | None = None) -> dict:
+    """The settings `section` of the scale's config file gives (``{}`` where it is silent)."""
+    return _read_scale_file(scale() if scale_name is None else scale_name).get(section) or {}
+
+
 def scale_config(section: str, cls: type[T], scale_name: str | None = None) -> T:
     """The dataclass `cls` for `section` of ``configs/<scale>.yaml`` (defaults where it is silent)."""
     scale_name = scale() if scale_name is None else scale_name
-    values = _read_scale_file(scale_name).get(section) or {}
+    note_read("section", section)
+    values = section_values(section, scale_name)
     return make_config(cls, values, path=f"{scale_name}.yaml:{section}")
 
 

@@ -477,24 +477,27 @@ def _vae_entry(modality: str, config_class: type) -> None:
         train_autoencoder(modality, config).save_pretrained(folder)
 
     zoo.entry(f"{modality}-vae", load=AutoencoderKL.from_pretrained, lesson="03_diffusion_decoders.ipynb",
-              description=f"AutoencoderKL of {'pictures' if modality == 'image' else 'log-mel spectrograms'}, 32x32 -> 8x8x4")(train)
+              description=f"AutoencoderKL of {'pictures' if modality == 'image' else 'log-mel spectrograms'}, 32x32 -> 8x8x4",
+              sections=(f"{modality}_vae",))(train)
 
 
-def _decoder_entry(modality: str, description: str, version: int = 1) -> None:
+def _decoder_entry(modality: str, description: str, version: int = 1, needs: tuple = ()) -> None:
     def train(folder: Path) -> None:
         train_decoder(modality).save(folder)
 
     zoo.entry(f"{modality}-decoder", load=Decoder.load, lesson="03_diffusion_decoders.ipynb", version=version,
-              description=description)(train)
+              description=description, sections=(f"{modality}_decoder",), needs=needs)(train)
 
 
 course_config.register_section("image_vae", AutoencoderConfig)
 course_config.register_section("audio_vae", AudioAutoencoderConfig)
 _vae_entry("image", AutoencoderConfig)
 _vae_entry("audio", AudioAutoencoderConfig)
-_decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version=2)
-_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3)
-_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3)
+_decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version=2, needs=("image-vae", "clip"))
+_decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3,
+               needs=("audio-vae", "clip"))
+_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3,
+               needs=("image-decoder",))
 
 
 # -- grading with the judge ---------------------------------------------------------------------

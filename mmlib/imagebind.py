@@ -146,7 +146,7 @@ def zero_shot_table(encoders, world: World, scenes, modalities) -> dict[str, dic
 
 
 @zoo.entry("imagebind", load=TrainedEncoders.load, description="seven modalities in one space, bound through images",
-           lesson="02_imagebind.ipynb")
+           lesson="02_imagebind.ipynb", sections=("imagebind",), needs=("clip",))
 def _train_zoo_imagebind(folder: Path) -> None:
     bind_to_images(zoo.load("clip").encoders).save(folder)
 

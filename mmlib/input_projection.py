@@ -383,7 +383,7 @@ def load_stage1(folder: Path, encoders=None, llm: TrainedLLM | None = None) -> t
 
 
 @zoo.entry("stage1", load=load_stage1, description="LLM + input projection trained on X-caption pairs",
-           lesson="04_llm_and_input_projection.ipynb")
+           lesson="04_llm_and_input_projection.ipynb", sections=("stage1",), needs=("imagebind", "llm"))
 def _train_zoo_stage1(folder: Path) -> None:
     config = course_config.scale_config("stage1", Stage1Config)
     model = build_multimodal_llm(zoo.load("imagebind").encoders, zoo.load("llm"), config.projection)

@@ -106,6 +106,8 @@ class Dialogue:
 
 def load_templates(path: Path | None = None) -> dict[str, dict[str, list]]:
     """``{"train": {name: [[user, answer], ...]}, "test": {...}}`` from the templates file, checked."""
+    if path is None:
+        course_config.note_read("file", "dialogues/templates.yaml")
     path = Path(path or data_file("dialogues", "templates.yaml"))
     return copy.deepcopy(_read_templates(path, path.stat().st_mtime))
 
@@ -710,8 +712,12 @@ def _train_into(folder: Path, config: Stage3Config) -> None:
     save_stage3(model, history, config, folder)
 
 
+# What every stage-3 entry's training reads (zoo.entry checks it).
+STAGE3_READS = dict(sections=("stage3",), needs=("stage2",), files=("dialogues/templates.yaml",))
+
+
 @zoo.entry("stage3", load=load_stage3, version=4, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
-           lesson="06_lora_instruction_tuning.ipynb")
+           lesson="06_lora_instruction_tuning.ipynb", **STAGE3_READS)
 def _train_zoo_stage3(folder: Path) -> None:
     _train_into(folder, course_config.scale_config("stage3", Stage3Config))
 
@@ -726,7 +732,7 @@ def _tuning_entry(name: str, changes: dict) -> None:
         _train_into(folder, replace(course_config.scale_config("stage3", Stage3Config), **changes))
 
     zoo.entry(f"stage3-{name}", load=load_stage3, version=3, description=f"the zoo's stage 3 with {changes}",
-              lesson="06_lora_instruction_tuning.ipynb")(train)
+              lesson="06_lora_instruction_tuning.ipynb", **STAGE3_READS)(train)
 
 
 for _name, _changes in TUNING_RUNS.items():

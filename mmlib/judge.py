@@ -145,7 +145,7 @@ def train_judge(config: JudgeConfig | None = None, world: World | None = None) -
 
 
 @zoo.entry("judge", load=Judge.load, description="attribute classifiers for images, sounds and clips",
-           lesson="03_diffusion_decoders.ipynb")
+           lesson="03_diffusion_decoders.ipynb", sections=("judge",))
 def _train_zoo_judge(folder: Path) -> None:
     config = course_config.scale_config("judge", JudgeConfig)
     train_judge(config).save(folder, config)

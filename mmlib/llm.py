@@ -255,7 +255,7 @@ class TrainedLLM:
 
 
 @zoo.entry("llm", load=TrainedLLM.load, description="a tiny Llama pretrained on the world's text",
-           lesson="04_llm_and_input_projection.ipynb")
+           lesson="04_llm_and_input_projection.ipynb", sections=("llm",), needs=("tokenizer",))
 def _train_zoo_llm(folder: Path) -> None:
     config = course_config.scale_config("llm", LLMConfig)
     tokenizer = zoo.load("tokenizer")

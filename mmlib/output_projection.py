@@ -604,7 +604,8 @@ def load_stage2(folder: Path, base: MultimodalLLM | None = None,
 
 
 @zoo.entry("stage2", load=load_stage2, version=2, description="stage 1 + signal tokens + output projectors to the three decoders",
-           lesson="05_signal_tokens_and_output_projection.ipynb")
+           lesson="05_signal_tokens_and_output_projection.ipynb", sections=("stage2",),
+           needs=("stage1", "image-decoder", "audio-decoder", "video-decoder"))
 def _train_zoo_stage2(folder: Path) -> None:
     config = course_config.scale_config("stage2", Stage2Config)
     # Without the denoising term only the decoders' text encoders take part, so at tiny scale stage 2

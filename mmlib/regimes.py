@@ -291,7 +291,10 @@ def _settle(model: SignalLLM) -> None:
 
 
 @zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb", version=3,
-           description="every part from scratch, trained together on L(Overall) for the links' budget")
+           description="every part from scratch, trained together on L(Overall) for the links' budget",
+           sections=("all_at_once", "clip", "imagebind", "llm", "stage1", "image_vae", "audio_vae", "image_decoder",
+                     "audio_decoder", "video_decoder", "stage2"),
+           needs=("tokenizer",), files=("dialogues/templates.yaml",))
 def _train_zoo_all_at_once(folder: Path) -> None:
     config = course_config.scale_config("all_at_once", AllAtOnceConfig)
     parts, history = train_all_at_once(config)

@@ -7,9 +7,14 @@ code the lesson runs and stores it; every later call loads it in a second.
 - An entry is registered by the module that owns its idea, with ``@zoo.entry(...)`` on a function
   that trains the component and writes it (safetensors, JSON configs, tokenizer files) into the
   folder it is given, and a `load` function that reads that folder back.
-- Entries live under ``$MMLIB_CACHE/zoo/<name>/<scale>-seed<seed>-v<version>/``
-  (``MMLIB_CACHE`` defaults to the user cache dir). Changing the scale, the seed or the entry's
-  version trains a new one; nothing stale is ever loaded.
+- Entries live under ``$MMLIB_CACHE/zoo/<name>/<scale>-seed<seed>-v<version>-<settings>/``
+  (``MMLIB_CACHE`` defaults to the user cache dir). ``<settings>`` fingerprints what else the
+  training depends on: the config sections the entry declares (as ``configs/<scale>.yaml`` or
+  ``MMLIB_CONFIG_FILE`` gives them), its data files, the world's caption files, and the
+  fingerprints of the entries it needs. Changing any of these, the scale, the seed or the entry's
+  version trains a new one (the old one stays cached, for when the change is undone); nothing
+  stale is ever loaded. An entry's training that reads a section, a data file or another entry it
+  does not declare is an error, so every fresh zoo build checks the declarations.
 - Training is seeded from the course seed, so it is deterministic; a file lock keeps two processes
   (two notebooks, two pytest workers) from training the same entry at once.
 - A folder is published only once complete (written under a temporary name, then renamed), and
@@ -50,21 +55,31 @@ class Entry:
     version: int = 1  # bump when the training code changes, so caches retrain
     description: str = ""
     lesson: str = ""  # the notebook that teaches how it is trained
+    sections: tuple = ()  # config sections its training reads (e.g. ("stage3",))
+    needs: tuple = ()  # the zoo entries its training loads
+    files: tuple = ()  # files under data/ it reads besides the world's captions (e.g. "dialogues/templates.yaml")
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def entry(name: str, *, load: Callable[[Path], Any], version: int = 1, description: str = "", lesson: str = ""):
+def entry(name: str, *, load: Callable[[Path], Any], version: int = 1, description: str = "", lesson: str = "",
+          sections=(), needs=(), files=()):
     """Decorator registering a training function as zoo entry `name`, for example::
 
-        @zoo.entry("my-model", load=load_my_model, lesson="01_contrastive_encoders.ipynb")
+        @zoo.entry("my-model", load=load_my_model, lesson="01_contrastive_encoders.ipynb",
+                   sections=("clip",), needs=("tokenizer",))
         def train_my_model(folder: Path) -> None:
             ...  # train, then model.save_pretrained(folder) or save_file(weights, folder / "x.safetensors")
+
+    `sections`, `needs` and `files` declare what the training reads besides the code: config
+    sections, other entries and files under data/. They are part of the entry's folder name
+    (see the module), and training checks that nothing undeclared was read.
     """
 
     def register(train: Callable[[Path], None]) -> Callable[[Path], None]:
-        _REGISTRY[name] = Entry(name, train, load, version, description, lesson)
+        _REGISTRY[name] = Entry(name, train, load, version, description, lesson, tuple(sections), tuple(needs),
+                                tuple(files))
         return train
 
     return register
@@ -105,10 +120,58 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "zoo"
 
 
-def folder(name: str) -> Path:
-    """Where entry `name` lives for the current scale and seed (whether or not it exists yet)."""
+def _data_path(relative: str) -> Path:
+    from mmlib.data.captions import data_file
+
+    return data_file(*relative.split("/"))
+
+
+def settings(name: str) -> dict:
+    """What entry `name`'s training depends on besides its code, as its fingerprint hashes it."""
     item = get_entry(name)
-    return cache_dir() / name / f"{course_config.scale()}-seed{course_config.seed()}-v{item.version}"
+    from mmlib.data.captions import DATA_DIR
+
+    world = sorted(str(p.relative_to(DATA_DIR)) for p in (DATA_DIR / "captions").glob("*") if p.is_file())
+    return {
+        "sections": {section: course_config.section_values(section) for section in item.sections},
+        "files": {relative: _sha256(_data_path(relative)) for relative in sorted({*world, *item.files})},
+        "needs": {need: fingerprint(need) for need in item.needs},
+    }
+
+
+def fingerprint(name: str) -> str:
+    """Eight hex digits that change whenever entry `name`'s declared settings (`settings`) change."""
+    text = json.dumps(settings(name), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def folder(name: str) -> Path:
+    """Where entry `name` lives for the current scale, seed and settings (whether or not it exists yet)."""
+    item = get_entry(name)
+    return cache_dir() / name / f"{course_config.scale()}-seed{course_config.seed()}-v{item.version}-{fingerprint(name)}"
+
+
+def _closure(name: str) -> tuple[set, set, set]:
+    """The sections, entries and files entry `name` may read: its own and those of what it needs."""
+    item = get_entry(name)
+    sections, entries, files = set(item.sections), set(item.needs), set(item.files)
+    for need in item.needs:
+        more = _closure(need)
+        sections |= more[0]
+        entries |= more[1]
+        files |= more[2]
+    return sections, entries, files
+
+
+def _check_reads(name: str, reads: set) -> None:
+    """Raise if training `name` read a section, entry or data file its registration does not declare."""
+    allowed = dict(zip(("section", "entry", "file"), _closure(name)))
+    keyword = {"section": "sections", "entry": "needs", "file": "files"}
+    missing = sorted((kind, what) for kind, what in reads if what not in allowed[kind] and what != name)
+    if missing:
+        listed = ", ".join(f"{keyword[kind]}: {what!r}" for kind, what in missing)
+        raise RuntimeError(f"zoo entry {name!r}: its training read what its zoo.entry(...) does not declare ({listed}). "
+                           "Add them there, so that a change to them trains a new entry instead of loading this one.")
 
 
 def _sha256(path: Path) -> str:
@@ -128,6 +191,7 @@ def _write_manifest(target: Path, item: Entry, seconds: float) -> None:
         "version": item.version,
         "scale": course_config.scale(),
         "seed": course_config.seed(),
+        "settings": settings(item.name),
         "train_seconds": round(seconds, 2),
         "files": {str(p.relative_to(target)): _sha256(p) for p in files},
     }
@@ -157,6 +221,7 @@ def problem(path: Path) -> str | None:
 def ensure(name: str, progress: bool = True) -> Path:
     """Train entry `name` unless an intact copy is cached; return its folder."""
     item = get_entry(name)
+    course_config.note_read("entry", name)
     target = folder(name)
     if problem(target) is None:
         return target
@@ -173,11 +238,13 @@ def ensure(name: str, progress: bool = True) -> Path:
         partial = target.with_name(target.name + f".partial-{os.getpid()}")
         partial.mkdir()
         if progress:
-            print(f"zoo: training {name!r} (first use at this scale and seed; cached in {target})", flush=True)
+            print(f"zoo: training {name!r} (first use at this scale, seed and settings; cached in {target})", flush=True)
         start = time.perf_counter()
         try:
             course_config.seed_everything()
-            item.train(partial)
+            with course_config.recording_reads() as reads:
+                item.train(partial)
+            _check_reads(name, reads)
             _write_manifest(partial, item, time.perf_counter() - start)
             os.replace(partial, target)  # atomic: the folder appears complete or not at all
         finally:

@@ -61,7 +61,8 @@ def test_trains_once_then_loads(cache):
     assert len(CALLS) == 1, "the second load comes from the cache"
     assert torch.equal(again.weight, probe.weight)
     folder = zoo.folder("test-color-probe")
-    assert folder == cache / "zoo" / "test-color-probe" / "tiny-seed0-v1"
+    assert folder.parent == cache / "zoo" / "test-color-probe"
+    assert folder.name == f"tiny-seed0-v1-{zoo.fingerprint('test-color-probe')}"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest["files"]) == {"probe.safetensors", "config.json"}
     assert not list(folder.parent.glob("*.partial-*"))
@@ -78,11 +79,83 @@ def test_training_is_deterministic(cache):
 def test_seed_and_scale_get_their_own_entries(cache, monkeypatch):
     zoo.ensure("test-color-probe")
     monkeypatch.setenv("MMLIB_SEED", "1")
-    assert zoo.folder("test-color-probe").name == "tiny-seed1-v1"
+    assert zoo.folder("test-color-probe").name.startswith("tiny-seed1-v1-")
     zoo.ensure("test-color-probe")
     monkeypatch.setenv("MMLIB_SCALE", "small")
-    assert zoo.folder("test-color-probe").name == "small-seed1-v1"
+    assert zoo.folder("test-color-probe").name.startswith("small-seed1-v1-")
     assert len(CALLS) == 2
+
+
+def read_value(folder: Path):
+    return json.loads((folder / "value.json").read_text())
+
+
+def test_a_changed_config_section_trains_new_entries_down_the_line(cache, monkeypatch, tmp_path):
+    from mmlib import config
+    from mmlib.judge import JudgeConfig
+
+    calls = []
+
+    def train_base(folder: Path) -> None:  # reads a config section, as the lesson entries do
+        calls.append("base")
+        (folder / "value.json").write_text(json.dumps(config.scale_config("judge", JudgeConfig).lr))
+
+    def train_top(folder: Path) -> None:  # builds on another entry
+        calls.append("top")
+        (folder / "value.json").write_text(json.dumps(2 * zoo.load("test-base")))
+
+    zoo.entry("test-base", load=read_value, sections=("judge",))(train_base)
+    zoo.entry("test-top", load=read_value, needs=("test-base",))(train_top)
+    try:
+        assert zoo.load("test-top") == 2 * JudgeConfig().lr
+        default = zoo.folder("test-base"), zoo.folder("test-top")
+        mine = tmp_path / "mine.yaml"
+        mine.write_text("judge: {lr: 0.25}\n")
+        monkeypatch.setenv("MMLIB_CONFIG_FILE", str(mine))
+        assert zoo.load("test-top") == 0.5, "the changed setting is used, not the entry trained before it"
+        assert zoo.folder("test-base") != default[0] and zoo.folder("test-top") != default[1]
+        assert calls == ["top", "base", "top", "base"]
+        mine.write_text("judge: {lr: 0.25}\nclip: {training: {steps: 5}}\n")  # a section neither reads
+        assert zoo.load("test-top") == 0.5 and len(calls) == 4
+        monkeypatch.delenv("MMLIB_CONFIG_FILE")  # undone: the first entries are still cached
+        assert zoo.load("test-top") == 2 * JudgeConfig().lr and len(calls) == 4
+        manifest = json.loads((default[0] / "manifest.json").read_text())
+        assert manifest["settings"]["sections"] == {"judge": {}}
+    finally:
+        zoo.unregister("test-base")
+        zoo.unregister("test-top")
+
+
+def test_training_that_reads_what_it_does_not_declare_is_refused(cache):
+    from mmlib import config
+    from mmlib.judge import JudgeConfig
+
+    def reads_a_section(folder: Path) -> None:
+        (folder / "value.json").write_text(json.dumps(config.scale_config("judge", JudgeConfig).lr))
+
+    def loads_an_entry(folder: Path) -> None:
+        (folder / "value.json").write_text(json.dumps(zoo.load("test-color-probe").out_features))
+
+    zoo.entry("test-reads", load=read_value)(reads_a_section)
+    zoo.entry("test-loads", load=read_value)(loads_an_entry)
+    try:
+        with pytest.raises(RuntimeError, match=r"'test-reads'.*\(sections: 'judge'\).*Add them"):
+            zoo.ensure("test-reads")
+        with pytest.raises(RuntimeError, match=r"'test-loads'.*\(needs: 'test-color-probe'\)"):
+            zoo.ensure("test-loads")
+        assert zoo.problem(zoo.folder("test-reads")) == "missing", "nothing is published"
+        zoo.entry("test-loads", load=read_value, needs=("test-color-probe",))(loads_an_entry)
+        assert zoo.load("test-loads") == 6
+    finally:
+        zoo.unregister("test-reads")
+        zoo.unregister("test-loads")
+
+
+def test_the_stage3_entries_follow_the_dialogue_templates():
+    # lesson 6's exercise edits data/dialogues/templates.yaml: the entries trained on it must change
+    assert "dialogues/templates.yaml" in zoo.settings("stage3")["files"]
+    assert "dialogues/templates.yaml" not in zoo.settings("stage2")["files"]
+    assert set(zoo.settings("stage3")["needs"]) == {"stage2"}
 
 
 def test_corrupt_file_is_detected_and_retrained(cache):

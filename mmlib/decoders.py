@@ -21,7 +21,7 @@ Stable Diffusion v1.5, AudioLDM and Zeroscope v2 loaded with `from_pretrained`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -481,12 +481,31 @@ def _vae_entry(modality: str, config_class: type) -> None:
               sections=(f"{modality}_vae",))(train)
 
 
-def _decoder_entry(modality: str, description: str, version: int = 1, needs: tuple = ()) -> None:
+# A decoder's sampling settings are read when it samples, not when it trains: the zoo's decoders
+# take them from the scale's config at load time, and a change to them retrains nothing.
+SAMPLING = ("sampler", "inference_steps", "guidance_scale")
+
+
+def load_zoo_decoder(folder: Path) -> Decoder:
+    """A zoo decoder (`Decoder.load`), sampling as the scale's config says now (`SAMPLING`).
+
+    Its `snapshots` were sampled during training, with the settings of that time (``decoder.json``).
+    """
+    decoder = Decoder.load(folder)
+    now = course_config.scale_config(f"{decoder.modality}_decoder", CONFIGS[decoder.modality])
+    if now.sampler != decoder.config.sampler:
+        decoder.pipeline.scheduler = sampling_scheduler(noise_scheduler(decoder.config.unet.prediction_type), now.sampler)
+    decoder.config = replace(decoder.config, **{key: getattr(now, key) for key in SAMPLING})
+    return decoder
+
+
+def _decoder_entry(modality: str, description: str, version: int = 1, needs: tuple = (),
+                   trained: tuple = ("unet", "snapshots")) -> None:
     def train(folder: Path) -> None:
         train_decoder(modality).save(folder)
 
-    zoo.entry(f"{modality}-decoder", load=Decoder.load, lesson="03_diffusion_decoders.ipynb", version=version,
-              description=description, sections=(f"{modality}_decoder",), needs=needs)(train)
+    zoo.entry(f"{modality}-decoder", load=load_zoo_decoder, lesson="03_diffusion_decoders.ipynb", version=version,
+              description=description, sections=tuple(f"{modality}_decoder.{key}" for key in trained), needs=needs)(train)
 
 
 course_config.register_section("image_vae", AutoencoderConfig)
@@ -497,7 +516,7 @@ _decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version
 _decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3,
                needs=("audio-vae", "clip"))
 _decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3,
-               needs=("image-decoder",))
+               needs=("image-decoder",), trained=("unet", "temporal_only", "snapshots"))
 
 
 # -- grading with the judge ---------------------------------------------------------------------

@@ -55,7 +55,7 @@ class Entry:
     version: int = 1  # bump when the training code changes, so caches retrain
     description: str = ""
     lesson: str = ""  # the notebook that teaches how it is trained
-    sections: tuple = ()  # config sections its training reads (e.g. ("stage3",))
+    sections: tuple = ()  # config sections its training reads (e.g. ("stage3",)), or only keys of one ("x.key")
     needs: tuple = ()  # the zoo entries its training loads
     files: tuple = ()  # files under data/ it reads besides the world's captions (e.g. "dialogues/templates.yaml")
 
@@ -74,7 +74,9 @@ def entry(name: str, *, load: Callable[[Path], Any], version: int = 1, descripti
 
     `sections`, `needs` and `files` declare what the training reads besides the code: config
     sections, other entries and files under data/. They are part of the entry's folder name
-    (see the module), and training checks that nothing undeclared was read.
+    (see the module), and training checks that nothing undeclared was read. ``"section.key"``
+    fingerprints one key of a section: its other keys are settings read at use time, not trained
+    (a decoder's sampler, say), and changing them trains nothing new.
     """
 
     def register(train: Callable[[Path], None]) -> Callable[[Path], None]:
@@ -133,10 +135,17 @@ def settings(name: str) -> dict:
 
     world = sorted(str(p.relative_to(DATA_DIR)) for p in (DATA_DIR / "captions").glob("*") if p.is_file())
     return {
-        "sections": {section: course_config.section_values(section) for section in item.sections},
+        "sections": {spec: _section_part(spec) for spec in item.sections},
         "files": {relative: _sha256(_data_path(relative)) for relative in sorted({*world, *item.files})},
         "needs": {need: fingerprint(need) for need in item.needs},
     }
+
+
+def _section_part(spec: str):
+    """The settings a ``sections`` spec names: a whole section, or one key of it ("section.key")."""
+    section, _, key = spec.partition(".")
+    values = course_config.section_values(section)
+    return values.get(key) if key else values
 
 
 def fingerprint(name: str) -> str:
@@ -154,7 +163,7 @@ def folder(name: str) -> Path:
 def _closure(name: str) -> tuple[set, set, set]:
     """The sections, entries and files entry `name` may read: its own and those of what it needs."""
     item = get_entry(name)
-    sections, entries, files = set(item.sections), set(item.needs), set(item.files)
+    sections, entries, files = {spec.partition(".")[0] for spec in item.sections}, set(item.needs), set(item.files)
     for need in item.needs:
         more = _closure(need)
         sections |= more[0]

@@ -71,6 +71,30 @@ def test_save_and_load_give_the_same_decoder(decoders, modality, tmp_path):
     assert loaded.losses == decoder.losses and sorted(loaded.snapshots) == sorted(decoder.snapshots)
 
 
+def test_the_zoos_decoders_sample_as_the_config_says_now(decoders, tmp_path, monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from mmlib import zoo
+    from mmlib.decoders import load_zoo_decoder
+
+    decoders["image"].save(tmp_path / "saved")
+    before = zoo.folder("image-decoder"), zoo.folder("stage2")
+    settings = yaml.safe_load((course_config.CONFIG_DIR / "tiny.yaml").read_text())  # the tiny file, edited
+    mine = tmp_path / "mine.yaml"
+    settings["image_decoder"] = {"sampler": "dpm", "inference_steps": 3, "guidance_scale": 1.5}
+    mine.write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("MMLIB_CONFIG_FILE", str(mine))
+    assert (zoo.folder("image-decoder"), zoo.folder("stage2")) == before, "sampling settings retrain nothing"
+    loaded = load_zoo_decoder(tmp_path / "saved")
+    assert (loaded.config.sampler, loaded.config.inference_steps, loaded.config.guidance_scale) == ("dpm", 3, 1.5)
+    assert isinstance(loaded.pipeline.scheduler, DPMSolverMultistepScheduler)
+    assert loaded.config.unet == decoders["image"].config.unet, "what was trained stays as it was"
+    assert loaded(["a small orange circle"]).shape == decoders["image"](["a small orange circle"]).shape
+    settings["image_decoder"]["unet"] = {"steps": 7}  # a training setting: a new decoder, so a new stage 2
+    mine.write_text(yaml.safe_dump(settings))
+    assert zoo.folder("image-decoder") != before[0] and zoo.folder("stage2") != before[1]
+
+
 def test_griffin_lim_resynthesises_pitch_and_loudness():
     world = World(seed=0)
     scenes = world.compose(2, shape="circle", color="red", size="large", motion="still")

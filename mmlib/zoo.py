@@ -148,16 +148,23 @@ def _section_part(spec: str):
     return values.get(key) if key else values
 
 
+def _digest(recorded: dict) -> str:
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def fingerprint(name: str) -> str:
     """Eight hex digits that change whenever entry `name`'s declared settings (`settings`) change."""
-    text = json.dumps(settings(name), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    return _digest(settings(name))
+
+
+def _folder_for(name: str, recorded: dict) -> Path:
+    version = get_entry(name).version
+    return cache_dir() / name / f"{course_config.scale()}-seed{course_config.seed()}-v{version}-{_digest(recorded)}"
 
 
 def folder(name: str) -> Path:
     """Where entry `name` lives for the current scale, seed and settings (whether or not it exists yet)."""
-    item = get_entry(name)
-    return cache_dir() / name / f"{course_config.scale()}-seed{course_config.seed()}-v{item.version}-{fingerprint(name)}"
+    return _folder_for(name, settings(name))
 
 
 def _closure(name: str) -> tuple[set, set, set]:
@@ -176,7 +183,7 @@ def _check_reads(name: str, reads: set) -> None:
     """Raise if training `name` read a section, entry or data file its registration does not declare."""
     allowed = dict(zip(("section", "entry", "file"), _closure(name)))
     keyword = {"section": "sections", "entry": "needs", "file": "files"}
-    missing = sorted((kind, what) for kind, what in reads if what not in allowed[kind] and what != name)
+    missing = sorted((kind, what) for kind, what in reads if what not in allowed[kind])
     if missing:
         listed = ", ".join(f"{keyword[kind]}: {what!r}" for kind, what in missing)
         raise RuntimeError(f"zoo entry {name!r}: its training read what its zoo.entry(...) does not declare ({listed}). "
@@ -191,7 +198,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(target: Path, item: Entry, seconds: float) -> None:
+def _write_manifest(target: Path, item: Entry, seconds: float, recorded: dict) -> None:
     files = sorted(p for p in target.rglob("*") if p.is_file())
     if not files:
         raise RuntimeError(f"zoo entry {item.name!r}: its train function wrote no files into {target}")
@@ -200,7 +207,7 @@ def _write_manifest(target: Path, item: Entry, seconds: float) -> None:
         "version": item.version,
         "scale": course_config.scale(),
         "seed": course_config.seed(),
-        "settings": settings(item.name),
+        "settings": recorded,  # what the folder name fingerprints
         "train_seconds": round(seconds, 2),
         "files": {str(p.relative_to(target)): _sha256(p) for p in files},
     }
@@ -231,7 +238,8 @@ def ensure(name: str, progress: bool = True) -> Path:
     """Train entry `name` unless an intact copy is cached; return its folder."""
     item = get_entry(name)
     course_config.note_read("entry", name)
-    target = folder(name)
+    recorded = settings(name)  # read once: the folder name and the manifest agree
+    target = _folder_for(name, recorded)
     if problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +262,7 @@ def ensure(name: str, progress: bool = True) -> Path:
             with course_config.recording_reads() as reads:
                 item.train(partial)
             _check_reads(name, reads)
-            _write_manifest(partial, item, time.perf_counter() - start)
+            _write_manifest(partial, item, time.perf_counter() - start, recorded)
             os.replace(partial, target)  # atomic: the folder appears complete or not at all
         finally:
             shutil.rmtree(partial, ignore_errors=True)

@@ -28,7 +28,7 @@ def main() -> None:
     vaes = {"image": build_autoencoder(AutoencoderConfig()), "audio": build_autoencoder(AudioAutoencoderConfig())}
     image_unet = build_unet(CONFIGS["image"]().unet, 4, 8, text.config.hidden_size)
     unets = {"image": image_unet, "audio": build_unet(CONFIGS["audio"]().unet, 4, 8, text.config.hidden_size),
-             "video": inflate(image_unet)}
+             "video": inflate(image_unet, temporal_text=CONFIGS["video"]().temporal_text)}
     scheduler = noise_scheduler()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for modality, unet in unets.items():

@@ -46,8 +46,8 @@ from mmlib.autoencoder import (AudioAutoencoderConfig, AutoencoderConfig, decode
 from mmlib.data import REVEALS, World, WorldConfig
 from mmlib.data.sound import mel_filters
 from mmlib.data.world import check_choice
-from mmlib.diffusion import (DiffusionConfig, build_unet, inflate, noise_scheduler, prompt_states, sampling_scheduler,
-                             train_denoiser)
+from mmlib.diffusion import (DiffusionConfig, attend_to_text, build_unet, inflate, noise_scheduler, prompt_states,
+                             sampling_scheduler, train_denoiser)
 
 OUTPUTS = ("image", "audio", "video")
 VAE_OF = {"image": "image-vae", "audio": "audio-vae"}  # clips reuse the image decoder's VAE, as Zeroscope SD's
@@ -86,6 +86,10 @@ class VideoDecoderConfig(DecoderConfig):
     unet: DiffusionConfig = field(default_factory=lambda: DiffusionConfig(lr=3e-3, steps=400, batch_size=16,
                                                                           training_scenes=4096))
     temporal_only: bool = True  # train only the new temporal layers; the image layers stay as inflated
+    # The temporal layers cross-attend to the prompt (diffusion.attend_to_text), which diffusers' UNet3D
+    # does not do. On 160 test clips the judge reads motion 0.99 at seed 1 against 0.88 without, "still"
+    # 1.00 against 0.50 (a tiny decoder's choice: a pretrained Zeroscope keeps its own layers).
+    temporal_text: bool = True
     snapshots: tuple = (50, 100, 200)  # inflated from a trained image UNet, it moves its objects early
 
 
@@ -232,6 +236,8 @@ class Decoder:
         modality = meta["modality"]
         config = course_config.make_config(CONFIGS[modality], meta["config"])
         extra = {} if modality == "video" else {"safety_checker": None, "requires_safety_checker": False}
+        if modality == "video" and meta["config"].get("temporal_text", False):  # saved before it existed: False
+            extra["unet"] = _load_text_reading_unet(Path(folder) / "unet")
         with zoo.quiet_loading():  # a zoo load is instant: no "Loading pipeline components" bars
             pipeline = (TextToVideoSDPipeline if modality == "video" else StableDiffusionPipeline).from_pretrained(
                 folder, **extra)
@@ -252,8 +258,26 @@ class Decoder:
         extra = {"safety_checker": None, "requires_safety_checker": False} if modality == "image" else {}
         pipeline = PIPELINES[modality].from_pretrained(name_or_path, dtype=dtype, **extra)
         pipeline.scheduler = sampling_scheduler(pipeline.scheduler, config.sampler)
-        config = course_config.make_config(type(config), {**asdict(config), "pretrained": str(name_or_path)})
-        return cls(modality, pipeline, config)
+        settings = {**asdict(config), "pretrained": str(name_or_path)}
+        if modality == "video":
+            settings["temporal_text"] = False  # Zeroscope's temporal layers, as published
+        return cls(modality, pipeline, course_config.make_config(type(config), settings))
+
+
+def _load_text_reading_unet(folder: Path):
+    """A saved tiny video UNet whose temporal layers read the prompt: the architecture diffusers
+    builds from its config, changed by `attend_to_text`, then the saved weights (safetensors)."""
+    from diffusers import UNet3DConditionModel
+
+    unet = attend_to_text(UNet3DConditionModel.from_config(UNet3DConditionModel.load_config(folder)))
+    try:
+        unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    except RuntimeError as error:
+        raise ValueError(f"{folder}: decoder.json says the temporal layers read the prompt (temporal_text), but the "
+                         f"saved UNet's weights do not fit that architecture; was it saved by another version? "
+                         f"Set temporal_text to false in decoder.json for a UNet3D as diffusers builds it. "
+                         f"({str(error).splitlines()[0]})") from None
+    return unet.eval()
 
 
 class DecoderText:
@@ -427,7 +451,7 @@ def train_decoder(modality: str, config: DecoderConfig | None = None, world: Wor
     if len(mean) != len(scenes):
         raise ValueError(f"latents hold {len(mean)} scenes, but config.unet.training_scenes is {len(scenes)}")
     if modality == "video":
-        unet = inflate(image_decoder.pipeline.unet)
+        unet = inflate(image_decoder.pipeline.unet, temporal_text=config.temporal_text)
         trained = None
         if config.temporal_only:  # the image layers are frozen: no gradients computed for them
             trained = [p for n, p in unet.named_parameters() if "temp" in n or "transformer_in" in n]
@@ -515,8 +539,8 @@ _vae_entry("audio", AudioAutoencoderConfig)
 _decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version=2, needs=("image-vae", "clip"))
 _decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3,
                needs=("audio-vae", "clip"))
-_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=3,
-               needs=("image-decoder",), trained=("unet", "temporal_only", "snapshots"))
+_decoder_entry("video", "tiny Zeroscope: the image decoder inflated in time, text -> 8-frame clips", version=4,
+               needs=("image-decoder",), trained=("unet", "temporal_only", "temporal_text", "snapshots"))
 
 
 # -- grading with the judge ---------------------------------------------------------------------

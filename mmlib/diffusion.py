@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel, UNet3DConditionModel)
+from diffusers.models.attention_processor import Attention
 from tqdm.auto import trange
 
 from mmlib import config as course_config
@@ -78,7 +79,7 @@ def build_unet(config: DiffusionConfig, latent_channels: int, sample_size: int, 
     )
 
 
-def inflate(image_unet: UNet2DConditionModel) -> UNet3DConditionModel:
+def inflate(image_unet: UNet2DConditionModel, temporal_text: bool = False) -> UNet3DConditionModel:
     """A video UNet whose spatial layers start as a trained image UNet's (ModelScope/Zeroscope's recipe).
 
     Every weight of `image_unet` is copied into the UNet3D (the 1x1 convolutions that project
@@ -86,6 +87,7 @@ def inflate(image_unet: UNet2DConditionModel) -> UNet3DConditionModel:
     identity: temporal convolutions are zero-initialised by diffusers, and the output projections
     of the temporal attentions are zeroed here. So, before training, the video UNet is exactly the
     image UNet applied to every frame; training then only has to learn how frames relate.
+    With `temporal_text`, the temporal layers also read the prompt (`attend_to_text`).
     """
     shape = image_unet.config
     heads = shape.attention_head_dim[0] if isinstance(shape.attention_head_dim, (tuple, list)) else shape.attention_head_dim
@@ -102,7 +104,47 @@ def inflate(image_unet: UNet2DConditionModel) -> UNet3DConditionModel:
         if type(module).__name__ == "TransformerTemporalModel":
             torch.nn.init.zeros_(module.proj_out.weight)
             torch.nn.init.zeros_(module.proj_out.bias)
-    return video
+    return attend_to_text(video) if temporal_text else video
+
+
+def attend_to_text(unet: UNet3DConditionModel) -> UNet3DConditionModel:
+    """Let the temporal layers of a UNet3D read the prompt, not only the frames (in place).
+
+    In diffusers' UNet3DConditionModel (ModelScope's, Zeroscope's) only the spatial layers
+    cross-attend to the text. Each temporal block attends over the frames twice, its second
+    attention being a self-attention too, and never sees a word; yet motion is what those layers
+    make, and "standing still" against "moving up" is said only in words. Here the second
+    attention of every temporal block in the down, mid and up blocks becomes a cross-attention to
+    the prompt states, its output zeroed so that the UNet computes what it did before.
+
+    The UNet's blocks call their temporal layers without the prompt, so two forward pre-hooks
+    carry it: the UNet's keeps the `encoder_hidden_states` of the call, and each temporal layer's
+    hands them on repeated for every spatial position, (B, tokens, dim) -> (B*H*W, tokens, dim),
+    since a temporal layer attends over the frames of one position at a time. A saved UNet is
+    rebuilt with this function before its weights are loaded (`Decoder.load`).
+    """
+    prompt = {}
+
+    def keep_prompt(module, args, kwargs):
+        prompt["states"] = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+
+    def hand_on_prompt(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B*frames, C, H, W)
+        kwargs["encoder_hidden_states"] = prompt["states"].repeat_interleave(hidden.shape[-2] * hidden.shape[-1], dim=0)
+        return args, kwargs
+
+    unet.register_forward_pre_hook(keep_prompt, with_kwargs=True)
+    for name, module in unet.named_modules():
+        if type(module).__name__ == "TransformerTemporalModel" and "temp_attentions" in name:
+            for block in module.transformer_blocks:
+                frames = block.attn2  # the second self-attention over frames
+                block.attn2 = Attention(query_dim=frames.query_dim, cross_attention_dim=unet.config.cross_attention_dim,
+                                        heads=frames.heads, dim_head=frames.inner_dim // frames.heads,
+                                        out_bias=True)
+                torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+                torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+            module.register_forward_pre_hook(hand_on_prompt, with_kwargs=True)
+    return unet
 
 
 def noise_scheduler(prediction_type: str = "sample") -> DDPMScheduler:

@@ -129,7 +129,7 @@ def build_untrained(world: World | None = None) -> Untrained:
         size = world.config.image_size // 2 ** (len(vae.config.block_out_channels) - 1)  # latent side: 8
         unet = build_unet(config.unet, vae.config.latent_channels, size, text.config.hidden_size)
         if modality == "video":  # Zeroscope's shape: the image UNet inflated in time
-            unet = inflate(unet)
+            unet = inflate(unet, temporal_text=config.temporal_text)
         decoders[modality] = assemble(modality, vae, text.transformer, text.tokenizer, unet,
                                       noise_scheduler(config.unet.prediction_type), config, world.config)
     stage2 = course_config.scale_config("stage2", Stage2Config)

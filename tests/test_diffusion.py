@@ -113,12 +113,13 @@ def test_train_denoiser_lowers_the_loss_and_is_seeded():
     assert sum(runs[0][-5:]) < sum(runs[0][:5])
 
 
-def test_inflated_video_unet_starts_as_the_image_unet_on_every_frame():
+@pytest.mark.parametrize("temporal_text", [False, True])
+def test_inflated_video_unet_starts_as_the_image_unet_on_every_frame(temporal_text):
     torch.manual_seed(0)
     image_unet = build_unet(TINY_UNET, 4, 8, 16)
     for parameter in image_unet.parameters():  # a "trained" image UNet: no zero-initialised layers left
         parameter.data += 0.05 * torch.randn_like(parameter)
-    video_unet = inflate(image_unet)
+    video_unet = inflate(image_unet, temporal_text=temporal_text)
     clip, text = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 5, 16)  # (B, C, frames, h, w)
     times = torch.tensor([50, 700])
     with torch.no_grad():
@@ -128,3 +129,35 @@ def test_inflated_video_unet_starts_as_the_image_unet_on_every_frame():
     assert torch.allclose(video, image.unflatten(0, (2, 3)).transpose(1, 2), atol=1e-4)
     temporal = [name for name, _ in video_unet.named_parameters() if "temp" in name or "transformer_in" in name]
     assert temporal  # and those are what training adds
+
+
+def test_temporal_layers_that_attend_to_text_get_the_prompt_at_every_position():
+    torch.manual_seed(0)
+    plain, reading = inflate(build_unet(TINY_UNET, 4, 8, 16)), inflate(build_unet(TINY_UNET, 4, 8, 16), temporal_text=True)
+    seen = []  # (name, what each temporal cross-attention got as its keys)
+    for name, module in reading.named_modules():
+        if "temp_attentions" in name and name.endswith("attn2"):
+            assert module.is_cross_attention and module.to_k.in_features == 16  # the prompt's width, not the frames'
+            module.register_forward_hook(lambda m, args, kwargs, out, name=name: seen.append((name, kwargs["encoder_hidden_states"])),
+                                         with_kwargs=True)
+    assert not any("temp_attentions" in n and n.endswith("attn2") and m.is_cross_attention for n, m in plain.named_modules())
+    text = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        reading(torch.randn(2, 4, 3, 8, 8), torch.tensor([50, 700]), encoder_hidden_states=text)
+    assert len(seen) == 7  # two down blocks, the mid block and two layers in each of two up blocks
+    for name, keys in seen:  # (B*H*W, tokens, dim): each position's frames attend to their own clip's prompt
+        positions = keys.shape[0] // 2
+        assert keys.shape == (2 * positions, 5, 16) and positions in (64, 16), name
+        assert torch.equal(keys[:positions], text[0].expand(positions, 5, 16)) and torch.equal(keys[positions:], text[1].expand(positions, 5, 16))
+    # once trained (here: random temporal weights), the prompt changes the clip through the temporal layers too
+    for name, parameter in reading.named_parameters():
+        if "temp_attentions" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    clip, times = torch.randn(1, 4, 3, 8, 8), torch.tensor([300])
+    with torch.no_grad():
+        before = reading(clip, times, encoder_hidden_states=text[:1]).sample
+        for name, module in reading.named_modules():
+            if "temp_attentions" in name and name.endswith("attn2"):
+                torch.nn.init.zeros_(module.to_out[0].weight)
+        after = reading(clip, times, encoder_hidden_states=text[:1]).sample
+    assert not torch.allclose(before, after, atol=1e-4)

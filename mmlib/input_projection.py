@@ -342,10 +342,18 @@ def caption_accuracy(model: MultimodalLLM, world: World, scenes, modality: str,
     for start in range(0, len(scenes), batch_size):
         part = scenes[start:start + batch_size]
         captions += model.caption(modality, torch.from_numpy(world.render(modality, part)))
+    return attribute_accuracy(captions, scenes, REVEALS[modality]), captions
+
+
+def attribute_accuracy(captions: list[str], scenes, names) -> dict[str, float]:
+    """How often caption i states attribute `name` of scene i correctly, for each of `names`.
+
+    Captions are parsed back into attributes (`parse_caption`); one that leaves an attribute out,
+    or states it twice with different values, is wrong on it.
+    """
     parsed = [parse_caption(text) for text in captions]
-    accuracy = {name: float(np.mean([p.get(name) == ATTRIBUTES[name][v] for p, v in zip(parsed, scenes.attributes[name])]))
-                for name in REVEALS[modality]}
-    return accuracy, captions
+    return {name: float(np.mean([p.get(name) == ATTRIBUTES[name][v] for p, v in zip(parsed, scenes.attributes[name])]))
+            for name in names}
 
 
 # ---------------------------------------------------------------------------------------------

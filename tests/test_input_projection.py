@@ -6,7 +6,7 @@ from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.encoders import ConvEncoderConfig, ImuEncoderConfig, build_encoders, count_parameters, tower_spec
 from mmlib.input_projection import (InputProjection, InputProjectionConfig, MultimodalLLM, Stage1Config,
-                                    build_multimodal_llm, caption_accuracy, caption_batch, caption_prompt,
+                                    attribute_accuracy, build_multimodal_llm, caption_accuracy, caption_batch, caption_prompt,
                                     encoder_dim, load_stage1, save_stage1, train_stage1)
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm, llama_config, train_llm
 
@@ -133,6 +133,12 @@ def test_stage1_trains_the_projection_alone(tokenizer, tmp_path):
     world = World(seed=0)
     accuracy, captions = caption_accuracy(loaded, world, world.scenes(world.split("test", 4)), "image")
     assert set(accuracy) == {"shape", "color", "size", "position", "motion", "temperature"} and len(captions) == 4
+
+
+def test_attribute_accuracy_grades_each_caption_against_its_own_scene():
+    scenes = World(seed=0).compose(3, shape="circle", color="red")
+    captions = ["a red circle", "a blue circle", ""]  # the empty one states nothing: wrong, not skipped
+    assert attribute_accuracy(captions, scenes, ("shape", "color")) == {"shape": 2 / 3, "color": 1 / 3}
 
 
 def test_full_scale_input_projection_is_nextgpts_linear_layer(tokenizer):

@@ -8,6 +8,7 @@ import torch
 
 from mmlib import config as course_config
 from mmlib.data import World
+from mmlib.data.world import HELDOUT_PAIRS
 from mmlib.data.captions import parse_caption
 from mmlib.input_projection import Stage1Config, caption_batch, train_stage1
 from mmlib.instruction import (OUTPUT_TAG, UNKNOWN_FILL, DialogueError, LoraSettings, Stage3Config, add_lora, alignment_values, load_dialogues,
@@ -48,6 +49,16 @@ def test_dialogues_are_seeded_use_their_splits_scenes_and_carry_edits():
         turn, original = dialogue.turns[0], world.scenes([dialogue.scene]).describe(0)
         assert turn.values["color"] != original["color"] and turn.expect["color"] == turn.values["color"]
         assert {k: v for k, v in turn.values.items() if k != "color"} == {k: v for k, v in original.items() if k != "color"}
+
+
+def test_edits_never_make_a_held_out_shape_color_pair():
+    world, held = World(seed=0), set(HELDOUT_PAIRS)
+    edits = ["recolor-picture", "shape-then-reshape", "see-then-reshape"]  # color and shape edits
+    for split in ("train", "test"):
+        dialogues = make_dialogues(world, split, 600, templates=edits)
+        assert not any((t.values["shape"], t.values["color"]) in held for d in dialogues for t in d.turns)
+        changed = {(t.values["shape"], t.values["color"]) for d in dialogues for t in d.turns[-1:]}
+        assert len(changed) == 4 * 6 - len(held)  # every other pair is still drawn
 
 
 def test_dialogue_files_round_trip(tmp_path):

@@ -49,9 +49,9 @@ from tqdm.auto import trange
 from mmlib import config as course_config
 from mmlib import zoo
 from mmlib.contrastive import History
-from mmlib.data import ATTRIBUTES, REVEALS, World
+from mmlib.data import ATTRIBUTES, HELDOUT_PAIRS, REVEALS, World
 from mmlib.data.captions import data_file, parse_caption, vocabulary
-from mmlib.data.world import HELDOUT_PAIRS, check_choice, uniform
+from mmlib.data.world import check_choice, uniform
 from mmlib.decoders import OUTPUTS, captioned_attributes, decoders_to_link, training_latents
 from mmlib.diffusion import noise_scheduler
 from mmlib.input_projection import caption_loss

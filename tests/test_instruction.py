@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from mmlib import config as course_config
-from mmlib.data import World
-from mmlib.data.world import HELDOUT_PAIRS
+from mmlib.data import ATTRIBUTES, HELDOUT_PAIRS, World
 from mmlib.data.captions import parse_caption
 from mmlib.input_projection import Stage1Config, caption_batch, train_stage1
 from mmlib.instruction import (OUTPUT_TAG, UNKNOWN_FILL, DialogueError, LoraSettings, Stage3Config, add_lora, alignment_values, load_dialogues,
@@ -58,7 +57,7 @@ def test_edits_never_make_a_held_out_shape_color_pair():
         dialogues = make_dialogues(world, split, 600, templates=edits)
         assert not any((t.values["shape"], t.values["color"]) in held for d in dialogues for t in d.turns)
         changed = {(t.values["shape"], t.values["color"]) for d in dialogues for t in d.turns[-1:]}
-        assert len(changed) == 4 * 6 - len(held)  # every other pair is still drawn
+        assert len(changed) == len(ATTRIBUTES["shape"]) * len(ATTRIBUTES["color"]) - len(held)  # every other pair is drawn
 
 
 def test_dialogue_files_round_trip(tmp_path):

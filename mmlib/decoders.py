@@ -173,10 +173,15 @@ class Decoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str] | None = None, prompt_embeds: torch.Tensor | None = None,
-                 guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
+                 guidance_scale: float | None = None, steps: int | None = None, seed: int | list[int] = 0,
                  batch_size: int = 100, vocode: bool = True) -> torch.Tensor:
         """Generate one output per prompt (or per row of prompt_embeds), seeded.
 
+        One `seed` draws the whole batch's starting noise from one generator, so an output's noise
+        depends on its place in the batch. A list of seeds, one per output, gives each output its
+        own generator (diffusers takes a list of generators): the same seed makes the same output
+        whatever else is in the batch (sounds: their log-mels; the vocoder draws its starting
+        phases for the whole batch).
         The tiny audio decoder returns waveforms, or with ``vocode=False`` the log-mel
         spectrograms (B, n_mels, frames) its diffusion made, before the vocoder.
         """
@@ -189,15 +194,20 @@ class Decoder:
         total = len(prompts) if prompts is not None else len(prompt_embeds)
         options = dict(guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
                        num_inference_steps=steps or self.config.inference_steps)
-        generator = torch.Generator().manual_seed(seed)
+        if isinstance(seed, int):
+            generator = torch.Generator().manual_seed(seed)
+        elif len(seed) == total:
+            generator = [torch.Generator().manual_seed(s) for s in seed]
+        else:
+            raise ValueError(f"got {len(seed)} seeds for {total} outputs: give one seed (an int) or one per output")
         parts = []
         for start in range(0, total, batch_size):
             chunk = slice(start, start + batch_size)
             given = {"prompt": prompts[chunk]} if prompts is not None else {"prompt_embeds": prompt_embeds[chunk]}
-            parts.append(self._generate(given, options, generator, vocode))
+            parts.append(self._generate(given, options, generator if isinstance(seed, int) else generator[chunk], vocode))
         return torch.cat(parts)
 
-    def _generate(self, given: dict, options: dict, generator: torch.Generator, vocode: bool) -> torch.Tensor:
+    def _generate(self, given: dict, options: dict, generator, vocode: bool) -> torch.Tensor:
         pipe = self.pipeline
         if isinstance(pipe, AudioLDMPipeline):
             return torch.as_tensor(pipe(**given, **options, generator=generator, output_type="np").audios)

@@ -591,7 +591,9 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
     in `SignalLLM.respond`) and the projector turns their states into the decoder's condition.
     Returns per dialogue ``{"template", "turns": [{"text", "asked", "text_ok", "output_ok", ...}],
     "success"}``; with a `judge`, outputs are generated and graded on the attributes the turn
-    expects that the judge reads; without one, only what the model asks for is checked.
+    expects that the judge reads; without one, only what the model asks for is checked. Each
+    output starts from its own noise, seeded by its scene and turn, so a dialogue's grade does not
+    depend on which other dialogues share its batch.
     """
     records = [{"template": d.template, "turns": []} for d in dialogues]
     histories = [[] for _ in dialogues]
@@ -617,8 +619,9 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
                 groups.setdefault(asked, []).append((i, j))
         for modality, items in groups.items():
             options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
-            outputs = model.generate_output(modality, [prompts[j] for _, j in items],
-                                            [written[j][0] for _, j in items], [inputs[j] for _, j in items], **options)
+            seeds = [1000 * dialogues[i].scene + k for i, _ in items]  # one per (scene, turn)
+            outputs = model.generate_output(modality, [prompts[j] for _, j in items], [written[j][0] for _, j in items],
+                                            [inputs[j] for _, j in items], seed=seeds, **options)
             read = judge.read(modality, outputs)
             for n, (i, _) in enumerate(items):
                 record = records[i]["turns"][k]

@@ -41,6 +41,24 @@ def test_prompt_embeds_give_the_same_output_as_prompts(decoders):
         assert not torch.allclose(from_text, decoder(prompts, seed=4), atol=1e-3)  # the seed matters
 
 
+@pytest.mark.parametrize("modality", ["image", "audio", "video"])
+def test_one_seed_per_output_makes_an_output_independent_of_its_batch(decoders, modality):
+    def decode(prompts, **options):  # sounds: the log-mels the diffusion made (the vocoder's phases are drawn per batch)
+        return decoders[modality](prompts, **options, **({"vocode": False} if modality == "audio" else {}))
+
+    def same(a, b):  # equal up to batched float arithmetic (log-mels are around -5)
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+    prompts = ["a small green triangle in the bottom right", "a large purple cross", "a red circle moving up"]
+    alone = decode(prompts[2:], seed=[7])[0]
+    assert same(decode(prompts, seed=[5, 6, 7])[2], alone)
+    assert same(decode(prompts[::-1], seed=[7, 6, 5])[0], alone)
+    assert same(decode(prompts, seed=[5, 6, 7], batch_size=2)[2], alone)  # across chunks
+    assert (decode(prompts, seed=0)[2] - alone).abs().max() > 0.01  # one seed: the noise depends on batch place
+    with pytest.raises(ValueError, match="2 seeds for 3 outputs"):
+        decode(prompts, seed=[1, 2])
+
+
 def test_wrong_prompt_embeds_name_the_expected_shape(decoders):
     decoder = decoders["image"]
     assert decoder.conditioning_shape == (32, 16)

@@ -437,17 +437,23 @@ def stage3_losses(model: SignalLLM, prompts, inputs, answers, turns, terms=("ans
                   fill_unknown: bool = False) -> dict[str, torch.Tensor]:
     """L(Encoder-Decoder) on a batch of turns: answer cross-entropy, then lesson 5's terms per output.
 
-    The cross-entropy scores every answer token; after an output's signal tokens the ``</s>`` is
-    not scored (lesson 5: its state is the one the projector reads). `latents[m]` holds clean
-    latents of the first turns asking for output `m`, for the generation term. A `counts` dict is
-    filled with what each term averages over (scored tokens, turns, latents): data parallelism
-    (`mmlib.train`) weighs each process's terms by them.
+    The cross-entropy scores an answer's words and, of an output's signal tokens, only the first:
+    the model chooses its output there, and `SignalLLM.write` cuts the answer at it and puts the
+    rest in, so they are never written. Scoring them all (NExT-GPT and lesson 5 do) left that
+    choice one scored token in seven of an output turn at tiny scale, and asked for a picture of a
+    clip, the seed-1 model chose a picture with probability 0.42 (0.999 scoring only the first).
+    After the signal tokens the ``</s>`` is not scored either (lesson 5: its state is the one the
+    projector reads). `latents[m]` holds clean latents of the first turns asking for output `m`,
+    for the generation term. A `counts` dict is filled with what each term averages over (scored
+    tokens, turns, latents): data parallelism (`mmlib.train`) weighs each process's terms by them.
     """
     batch, out = model.read(prompts, inputs, answers)
     labels = batch["labels"]
     eos = model.base.tokenizer.eos_token_id
     asks = torch.tensor([turn.output is not None for turn in turns], device=labels.device)
     scored = labels.masked_fill((labels == eos) & asks[:, None], -100)  # (B, T)
+    put_in = torch.tensor([i for ids in model.signals.values() for i in ids[1:]], device=labels.device)
+    scored = scored.masked_fill(torch.isin(labels, put_in), -100)  # an output's signal tokens after its first
     parts = {}
     if "answer" in terms:
         parts["answer"] = signal_nll(out.logits, scored)
@@ -730,7 +736,7 @@ def _train_into(folder: Path, config: Stage3Config) -> None:
 STAGE3_READS = dict(sections=("stage3",), needs=("stage2",), files=("dialogues/templates.yaml",))
 
 
-@zoo.entry("stage3", load=load_stage3, version=5, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
+@zoo.entry("stage3", load=load_stage3, version=6, description="stage 2 instruction-tuned with LoRA on modality-switching dialogues",
            lesson="06_lora_instruction_tuning.ipynb", **STAGE3_READS)
 def _train_zoo_stage3(folder: Path) -> None:
     _train_into(folder, course_config.scale_config("stage3", Stage3Config))
@@ -745,7 +751,7 @@ def _tuning_entry(name: str, changes: dict) -> None:
     def train(folder: Path) -> None:
         _train_into(folder, replace(course_config.scale_config("stage3", Stage3Config), **changes))
 
-    zoo.entry(f"stage3-{name}", load=load_stage3, version=4, description=f"the zoo's stage 3 with {changes}",
+    zoo.entry(f"stage3-{name}", load=load_stage3, version=5, description=f"the zoo's stage 3 with {changes}",
               lesson="06_lora_instruction_tuning.ipynb", **STAGE3_READS)(train)
 
 

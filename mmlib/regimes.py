@@ -290,7 +290,7 @@ def _settle(model: SignalLLM) -> None:
             getattr(decoder.pipeline, part).eval()
 
 
-@zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb", version=4,
+@zoo.entry("all-at-once", load=load_all_at_once, lesson="07_any_to_any.ipynb", version=5,
            description="every part from scratch, trained together on L(Overall) for the links' budget",
            sections=("all_at_once", "clip", "imagebind", "llm", "stage1", "image_vae", "audio_vae", "image_decoder",
                      "audio_decoder", "video_decoder", "stage2"),

@@ -311,6 +311,21 @@ def test_alignment_fills_what_the_inputs_never_revealed_with_fixed_values():
         draw.turns[0].expect
 
 
+def test_stage3_scores_an_outputs_first_signal_token_and_not_the_ones_put_in_after_it(stage2):
+    world = World(seed=0)
+    dialogues = make_dialogues(world, "train", 4, ["draw-caption"])  # one turn each, answered "[image]"
+    counts = {}
+    loss = stage3_losses(stage2, *training_examples(stage2, world, dialogues), terms=("answer",), counts=counts)["answer"]
+    assert counts["answer"] == len(dialogues)  # one choice of output per turn
+    prompts, inputs, answers, _ = training_examples(stage2, world, dialogues)
+    with torch.no_grad():
+        batch, out = stage2.read(prompts, inputs, answers)
+    first = stage2.signals["image"][0]
+    rows, cols = torch.nonzero(batch["labels"] == first, as_tuple=True)  # where [IMG0] is the label
+    expected = torch.nn.functional.cross_entropy(out.logits[rows, cols - 1].float(), batch["labels"][rows, cols])
+    assert torch.isclose(loss, expected, atol=1e-5)
+
+
 def test_stage3_aligns_to_the_filled_caption_only_with_fill_unknown(stage2):
     world = World(seed=0)
     dialogues = make_dialogues(world, "train", 6, ["draw-caption"])

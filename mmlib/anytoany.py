@@ -208,12 +208,12 @@ def decoder_ceiling(model, judge, world=None, per_template: int = 40, cells=None
 
     For the same dialogues as `combination_grid` (cells `cells`, default every output cell), the
     decoder is given the canonical caption of all the output should show, instead of the projected
-    signal states, and graded on the same attributes. What a cell loses below its ceiling is the
-    links' doing; what the ceiling loses is the decoder's (lesson 3).
+    signal states, and graded on the same attributes, from the same noise (`output_seed`). What a
+    cell loses below its ceiling is the links' doing; what the ceiling loses is the decoder's (lesson 3).
     """
     from mmlib.data import World
     from mmlib.decoders import captioned_attributes
-    from mmlib.instruction import shows_expected
+    from mmlib.instruction import output_seed, shows_expected
     from mmlib.llm import canonical_caption
 
     world = world or World()
@@ -227,7 +227,8 @@ def decoder_ceiling(model, judge, world=None, per_template: int = 40, cells=None
             continue
         captions = [canonical_caption(d.turns[0].values, captioned_attributes(modality)) for d in rows]
         options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
-        read = judge.read(modality, model.decoders[modality](captions, **options))
+        outputs = model.decoders[modality](captions, seed=[output_seed(d, 0) for d in rows], **options)
+        read = judge.read(modality, outputs)
         for n, d in enumerate(rows):
             outcomes.setdefault(key[d.template], []).append(shows_expected(modality, read, n, d.turns[0].expect))
     return {cell: float(np.mean(values)) for cell, values in outcomes.items()}

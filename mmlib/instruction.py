@@ -625,7 +625,7 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
                 groups.setdefault(asked, []).append((i, j))
         for modality, items in groups.items():
             options = {"vocode": False} if modality == "audio" else {}  # the judge reads log-mels
-            seeds = [1000 * dialogues[i].scene + k for i, _ in items]  # one per (scene, turn)
+            seeds = [output_seed(dialogues[i], k) for i, _ in items]
             outputs = model.generate_output(modality, [prompts[j] for _, j in items], [written[j][0] for _, j in items],
                                             [inputs[j] for _, j in items], seed=seeds, **options)
             read = judge.read(modality, outputs)
@@ -637,6 +637,11 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
     for record in records:
         record["success"] = all(t["text_ok"] and t["output_ok"] for t in record["turns"])
     return records
+
+
+def output_seed(dialogue: Dialogue, turn: int) -> int:
+    """The seed of the output a dialogue's turn asks for: its own, whatever else shares the batch."""
+    return 1000 * dialogue.scene + turn  # a dialogue has fewer than 1,000 turns
 
 
 def shows_expected(modality: str, read: dict[str, np.ndarray], n: int, expect: dict[str, str]) -> bool:

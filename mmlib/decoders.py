@@ -182,6 +182,7 @@ class Decoder:
         own generator (diffusers takes a list of generators): the same seed makes the same output
         whatever else is in the batch (sounds: their log-mels; the vocoder draws its starting
         phases for the whole batch).
+
         The tiny audio decoder returns waveforms, or with ``vocode=False`` the log-mel
         spectrograms (B, n_mels, frames) its diffusion made, before the vocoder.
         """
@@ -194,17 +195,15 @@ class Decoder:
         total = len(prompts) if prompts is not None else len(prompt_embeds)
         options = dict(guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
                        num_inference_steps=steps or self.config.inference_steps)
-        if isinstance(seed, int):
-            generator = torch.Generator().manual_seed(seed)
-        elif len(seed) == total:
-            generator = [torch.Generator().manual_seed(s) for s in seed]
-        else:
+        per_output = isinstance(seed, (list, tuple))
+        if per_output and len(seed) != total:
             raise ValueError(f"got {len(seed)} seeds for {total} outputs: give one seed (an int) or one per output")
+        generator = [torch.Generator().manual_seed(s) for s in seed] if per_output else torch.Generator().manual_seed(seed)
         parts = []
         for start in range(0, total, batch_size):
             chunk = slice(start, start + batch_size)
             given = {"prompt": prompts[chunk]} if prompts is not None else {"prompt_embeds": prompt_embeds[chunk]}
-            parts.append(self._generate(given, options, generator if isinstance(seed, int) else generator[chunk], vocode))
+            parts.append(self._generate(given, options, generator[chunk] if per_output else generator, vocode))
         return torch.cat(parts)
 
     def _generate(self, given: dict, options: dict, generator, vocode: bool) -> torch.Tensor:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib.data import World
@@ -99,7 +98,7 @@ def train_autoencoder(modality: str, config: AutoencoderConfig, world: World | N
     schedule = course_config.one_cycle(optimizer, config.steps, 0.1)
     vae.train()
     with course_config.on_training_device(vae) as device:
-        for step in trange(config.steps, desc=f"{modality} VAE", leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, f"{modality} VAE"):
             scenes = world.scenes(world.split("train", config.batch_size, start=step * config.batch_size))
             x = render_for_vae(world, modality, scenes).to(device)
             posterior = vae.encode(x).latent_dist

@@ -139,6 +139,38 @@ def show_progress() -> bool:
     return os.environ.get("MMLIB_PROGRESS", "1") not in ("0", "false", "no")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run a block on one CPU thread, then restore the thread count.
+
+    Floats summed by two threads are summed in another order than by one, so a model trained
+    with another thread count is another model. The course trains on one thread everywhere: a
+    learner's laptop, whatever its cores, trains the weights CI measured. (The zoo trains
+    several entries at once instead, one core each.)
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def training_steps(steps: int, description: str, first: int = 0):
+    """The step numbers of a training loop, ``range(first, steps)``, run on one thread (`one_thread`).
+
+    Every loop of the course counts its steps through here. They are drawn as a progress bar with
+    the time left; ``MMLIB_PROGRESS=0`` hides it, and `mmlib.zoo` gives each entry it trains at
+    once a line of its own (``MMLIB_PROGRESS_LINE``).
+    """
+    from tqdm.auto import trange
+
+    line = os.environ.get("MMLIB_PROGRESS_LINE")
+    with one_thread():
+        yield from trange(first, steps, desc=description, initial=first, total=steps, leave=False,
+                          disable=not show_progress(), position=int(line) if line else None)
+
+
 def describe() -> str:
     """One line naming the device, scale and seed in use, printed by every notebook's setup cell."""
     return f"device={device()} scale={scale()} seed={seed()} torch={torch.__version__}"

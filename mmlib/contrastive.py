@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 
@@ -120,7 +119,7 @@ def train_contrastive(
 
     for module in modules:
         module.train()
-    for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
+    for step in course_config.training_steps(config.steps, description):
         parts = losses(step)
         optimizer.zero_grad(set_to_none=True)
         sum(parts.values()).backward()

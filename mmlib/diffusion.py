@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        UNet2DConditionModel, UNet3DConditionModel)
 from diffusers.models.attention_processor import Attention
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib.data.world import check_choice
@@ -217,7 +216,7 @@ def train_denoiser(unet, scheduler: DDPMScheduler, latents: torch.Tensor, captio
     losses = []
     unet.train()
     with course_config.on_training_device(unet) as device:
-        for step in trange(config.steps, desc=description, leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, description):
             rows = torch.randint(len(latents), (config.batch_size,), generator=generator)
             batch = latents[rows]
             if latent_std is not None:

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib.config import make_config
@@ -318,7 +317,7 @@ def train_stage1(model: MultimodalLLM, config: Stage1Config | None = None, world
     model.eval()  # nothing frozen should change its behaviour (dropout, batch norm) while the projection trains
     # with a GPU, the steps run there (encoders, LLM and projection); the model comes back on the CPU
     with course_config.on_training_device(model):
-        for step in trange(config.steps, desc="stage 1", leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, "stage 1"):
             losses, kinds = caption_losses(model, world, config.modalities, step, size)
             losses = losses.cpu()  # (B,)
             optimizer.zero_grad(set_to_none=True)

@@ -44,7 +44,6 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib import zoo
@@ -537,7 +536,7 @@ def train_stage3(model: SignalLLM, config: Stage3Config | None = None, world: Wo
         model.base.llm.train()
     # with a GPU, the steps run there, the decoders' frozen modules too; the model comes back on the CPU
     with course_config.on_training_device(model, *model.decoder_modules()) as device:
-        for step in trange(config.steps, desc="stage 3", leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, "stage 3"):
             dialogues = make_dialogues(world, "train", config.batch_size, templates, start=step * config.batch_size,
                                        variant=step)
             prompts, inputs, answers, turns = training_examples(model, world, dialogues)

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib import zoo
@@ -88,7 +87,7 @@ def train_classifier(modality: str, config: JudgeConfig, world: World, steps: in
     generator = torch.Generator().manual_seed(world.seed)
     model.train()
     with course_config.on_training_device(model) as device:
-        for step in trange(steps, desc=f"{modality} judge", leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(steps, f"{modality} judge"):
             scenes = world.scenes(world.split("train", config.batch_size, start=step * config.batch_size))
             x = _augment(torch.from_numpy(world.render(modality, scenes)), config.noise, generator)
             logits = model(x.to(device))

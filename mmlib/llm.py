@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import trange
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mmlib import config as course_config
@@ -200,8 +199,7 @@ def train_llm(tokenizer: PreTrainedTokenizerFast, config: LLMConfig | None = Non
     history = History()
     size = config.batch_size
     with course_config.on_training_device(model) as device:
-        for step in trange(config.steps, desc="LLM pretraining", leave=False,
-                           disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, "LLM pretraining"):
             texts = text_corpus(world, world.split("train", size, start=step * size), variant=step)
             batch = {key: value.to(device) for key, value in lm_batch(tokenizer, texts).items()}
             loss = model(**batch).loss  # transformers shifts the labels by one

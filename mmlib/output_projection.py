@@ -38,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib import zoo
@@ -536,7 +535,7 @@ def train_stage2(model: SignalLLM, config: Stage2Config | None = None, world: Wo
         # the frozen text encoders' states of every training scene, once: a step picks its rows
         aligned = ({m: alignment_targets(model.decoders[m], scenes, m) for m in config.outputs}
                    if "alignment" in config.terms else {})
-        for step in trange(config.steps, desc="stage 2", leave=False, disable=not course_config.show_progress()):
+        for step in course_config.training_steps(config.steps, "stage 2"):
             total = 0.0
             for modality in config.outputs:
                 rows = torch.randint(len(scenes), (config.batch_size,), generator=generator)

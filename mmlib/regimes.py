@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import trange
 
 from mmlib import config as course_config
 from mmlib import zoo
@@ -234,7 +233,7 @@ def train_all_at_once(config: AllAtOnceConfig | None = None, world: World | None
     generator = torch.Generator().manual_seed(course_config.seed())
     history, start = History(), time.perf_counter()
     parts.model.train()
-    for step in trange(config.steps, desc="all at once", leave=False, disable=not course_config.show_progress()):
+    for step in course_config.training_steps(config.steps, "all at once"):
         losses = overall_losses(parts, world, step, config, generator)
         total = sum(config.weights[name] * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)

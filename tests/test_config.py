@@ -166,3 +166,34 @@ def test_a_lesson_loop_trains_with_a_one_step_warm_up():
 
     model = train_classifier("image", JudgeConfig(), World(seed=0), steps=10)  # warm-up 0.1 of 10 steps: one
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_gives_the_same_weights_whatever_the_thread_count():
+    """Every loop trains on one thread (config.one_thread): a machine with more cores trains the same model.
+
+    Three steps of the judge's convolutional classifier: with two threads its convolutions sum in
+    another order, and the weights differ by about 2e-4 without the pin.
+    """
+    from mmlib.data import World
+    from mmlib.judge import JudgeConfig, train_classifier
+
+    world, weights, before = World(seed=0), [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            config.seed_everything(0)
+            model = train_classifier("image", JudgeConfig(), world, steps=3)
+            weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            assert torch.get_num_threads() == threads, "the thread count is restored after training"
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_one_thread_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with config.one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("training failed")
+    assert torch.get_num_threads() == before

@@ -259,7 +259,7 @@ def ensure(name: str, progress: bool = True) -> Path:
         start = time.perf_counter()
         try:
             course_config.seed_everything()
-            with course_config.recording_reads() as reads:
+            with course_config.recording_reads() as reads, course_config.one_thread():
                 item.train(partial)
             _check_reads(name, reads)
             _write_manifest(partial, item, time.perf_counter() - start, recorded)
@@ -300,18 +300,130 @@ def clear(name: str | None = None) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def plan(names) -> list[str]:
+    """`names` and every entry they need, each listed after its needs (a topological order)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple) -> None:
+        if name in path:
+            raise ValueError(f"zoo entries need each other in a cycle: {' -> '.join(path + (name,))}")
+        if name not in order:
+            for need in get_entry(name).needs:
+                visit(need, path + (name,))
+            order.append(name)
+
+    for name in names:
+        visit(name, ())
+    return order
+
+
+def _dependents(order: list[str]) -> dict[str, int]:
+    """How many entries of `order` wait, directly or not, on each one: the scheduler starts the most awaited first."""
+    waiting = {name: set() for name in order}
+    for name in reversed(order):  # an entry's dependents are all listed after it
+        for need in get_entry(name).needs:
+            waiting[need] |= {name} | waiting[name]
+    return {name: len(waiting[name]) for name in order}
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _train_one(name: str, line: int) -> None:
+    """A worker process of `build`: train one entry, its progress bar on line `line`."""
+    os.environ["MMLIB_PROGRESS_LINE"] = str(line)
+    ensure(name, progress=False)
+
+
+def build(names, jobs: int = 1, progress: bool = True) -> None:
+    """Train `names` and everything they need unless cached, `jobs` entries at a time.
+
+    Training runs on one thread (`mmlib.config.one_thread`: the weights must not depend on the
+    machine), so ``jobs`` up to the number of cores is what uses them: each entry then trains in a
+    worker process of its own, started as soon as the entries it needs are ready, the most awaited
+    first. A failure stops new starts; the workers running finish, then it raises.
+    """
+    import multiprocessing
+    import sys
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs is how many entries train at once, a whole number >= 1; got {jobs!r}")
+    order = plan(names)
+    waiting = [name for name in order if problem(folder(name)) is not None]
+    say = print if progress else (lambda *args, **kwargs: None)
+    say(f"zoo: {len(order) - len(waiting)} of {len(order)} entries cached; training {', '.join(waiting) or 'nothing'}"
+        + (f", {jobs} at a time" if jobs > 1 and len(waiting) > 1 else ""), flush=True)
+    if jobs == 1 or len(waiting) <= 1:
+        for name in waiting:
+            start = time.perf_counter()
+            ensure(name, progress=False)
+            say(f"zoo: {name} ready ({time.perf_counter() - start:.0f} s)", flush=True)
+        return
+    # fork where there is one: a worker starts with mmlib already imported (a new interpreter takes ~10 s)
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    awaited = _dependents(order)
+    running: dict[str, tuple] = {}  # name -> (process, progress line, start time)
+    done, failed, last_report = set(order) - set(waiting), [], time.perf_counter()
+    while waiting or running:
+        ready = [n for n in waiting if all(need in done for need in get_entry(n).needs)]
+        while ready and len(running) < jobs and not failed:
+            name = max(ready, key=lambda n: (awaited[n], -order.index(n)))
+            ready.remove(name)
+            waiting.remove(name)
+            line = min(set(range(jobs)) - {line for _, line, _ in running.values()})
+            process = context.Process(target=_train_one, args=(name, line), name=f"zoo-{name}")
+            process.start()
+            running[name] = (process, line, time.perf_counter())
+            say(f"zoo: training {name}", flush=True)
+        if not running:
+            if failed:
+                break
+            raise RuntimeError(f"zoo entries {', '.join(waiting)} wait on entries that are not being built")
+        time.sleep(0.5)
+        for name, (process, _, start) in list(running.items()):
+            if process.is_alive():
+                continue
+            process.join()
+            del running[name]
+            if process.exitcode:
+                failed.append(name)
+            else:
+                done.add(name)
+                say(f"zoo: {name} ready ({time.perf_counter() - start:.0f} s); {len(done)} of {len(order)} entries",
+                    flush=True)
+        if running and time.perf_counter() - last_report > 60:
+            last_report = time.perf_counter()
+            say("zoo: still training " + ", ".join(f"{n} ({last_report - t:.0f} s)" for n, (_, _, t) in running.items()),
+                flush=True)
+    if failed:
+        skipped = f"; not started: {', '.join(waiting)}" if waiting else ""
+        raise RuntimeError(f"zoo: training {', '.join(failed)} failed (its error is printed above){skipped}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mmlib.zoo [NAME ...]``: train the named entries (all if none) unless cached."""
+    """``python -m mmlib.zoo [--jobs N] [NAME ...]``: train the named entries (all if none) and what they need, unless cached."""
     import argparse
+    import sys
 
     from mmlib import zoo  # under `python -m` this file is __main__; entries register in mmlib.zoo
 
     parser = argparse.ArgumentParser(prog="python -m mmlib.zoo", description=main.__doc__)
-    parser.add_argument("names", nargs="*", help=f"entries to build (default: all of {', '.join(zoo.names())})")
-    for name in parser.parse_args(argv).names or zoo.names():
-        start = time.perf_counter()
-        zoo.ensure(name)
-        print(f"zoo: {name} ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    parser.add_argument("names", nargs="*", help=f"entries to build, or 'all' (the default): {', '.join(zoo.names())}")
+    parser.add_argument("--jobs", type=int, default=zoo.cores(),
+                        help="entries trained at once, each in its own process (default: the number of cores)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    names = [] if args.names in ([], ["all"]) else args.names
+    for name in names:
+        if name not in zoo.names():
+            parser.error(f"unknown zoo entry {name!r}; valid entries: {', '.join(zoo.names())} (or all)")
+    try:
+        zoo.build(names or zoo.names(), jobs=args.jobs, progress=True)
+    except RuntimeError as error:
+        sys.exit(str(error))
 
 
 if __name__ == "__main__":

@@ -225,3 +225,72 @@ def test_two_processes_train_an_entry_once(cache, tmp_path):
     processes = [subprocess.Popen([sys.executable, str(script), str(log)]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in processes] == [0, 0]
     assert log.read_text().count("trained") == 1
+
+
+def _write_order(folder: Path) -> None:
+    """A test entry that appends its name to order.log when it trains."""
+    with open(Path(zoo.cache_dir()) / "order.log", "a") as log:
+        log.write(f"{folder.parent.name}\n")
+    (folder / "done.txt").write_text("ok")
+
+
+@pytest.fixture
+def chain(cache):
+    """Four test entries: a <- b, a <- c, (b, c) <- d; and one that fails."""
+    for name, needs in (("test-a", ()), ("test-b", ("test-a",)), ("test-c", ("test-a",)), ("test-d", ("test-b", "test-c"))):
+        zoo.entry(name, load=lambda folder: folder, needs=needs)(_write_order)
+
+    def fail(folder: Path) -> None:
+        raise RuntimeError("this entry cannot train")
+
+    zoo.entry("test-fails", load=lambda folder: folder, needs=("test-a",))(fail)
+    yield cache
+    for name in ("test-a", "test-b", "test-c", "test-d", "test-fails"):
+        zoo.unregister(name)
+
+
+def test_plan_lists_needs_first(chain):
+    order = zoo.plan(["test-d"])
+    assert order[0] == "test-a" and order[-1] == "test-d" and set(order) == {"test-a", "test-b", "test-c", "test-d"}
+    assert zoo.plan(["test-b", "test-d"]).count("test-a") == 1
+
+
+def test_plan_refuses_a_cycle(chain):
+    zoo.entry("test-loop", load=lambda folder: folder, needs=("test-loop-2",))(_write_order)
+    zoo.entry("test-loop-2", load=lambda folder: folder, needs=("test-loop",))(_write_order)
+    try:
+        with pytest.raises(ValueError, match="cycle: test-loop -> test-loop-2 -> test-loop"):
+            zoo.plan(["test-loop"])
+    finally:
+        zoo.unregister("test-loop")
+        zoo.unregister("test-loop-2")
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_build_trains_in_dependency_order(chain, jobs, capsys):
+    zoo.build(["test-d"], jobs=jobs)
+    order = (zoo.cache_dir() / "order.log").read_text().split()
+    assert order[0] == "test-a" and order[-1] == "test-d" and sorted(order) == ["test-a", "test-b", "test-c", "test-d"]
+    assert all(zoo.problem(zoo.folder(name)) is None for name in order)
+    zoo.build(["test-d"], jobs=jobs)  # everything cached: nothing trains again
+    assert len((zoo.cache_dir() / "order.log").read_text().split()) == 4
+    assert "4 of 4 entries cached; training nothing" in capsys.readouterr().out
+
+
+def test_build_stops_at_a_failure_and_names_it(chain):
+    with pytest.raises(RuntimeError, match="training test-fails failed"):
+        zoo.build(["test-fails", "test-d"], jobs=2)
+    assert zoo.problem(zoo.folder("test-fails")) is not None
+
+
+def test_build_refuses_bad_jobs(chain):
+    for jobs in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs is how many entries train at once"):
+            zoo.build(["test-a"], jobs=jobs)
+
+
+def test_zoo_command_line_refuses_unknown_entries_and_jobs():
+    for arguments, message in ((["no-such-entry"], "unknown zoo entry 'no-such-entry'"), (["--jobs", "0", "tokenizer"],
+                                                                                          "--jobs must be at least 1")):
+        result = subprocess.run([sys.executable, "-m", "mmlib.zoo", *arguments], capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr

@@ -7,8 +7,8 @@
 #
 # Variables: PYTHON (interpreter that builds the venv), TORCH (the torch requirement installed
 # first: torch==2.13.0 is the CPU build CI uses; e.g. TORCH="torch --index-url
-# https://download.pytorch.org/whl/cu126" for a GPU), LAB_IP, LAB_PORT, LAB_ARGS, and for make
-# test LATE_A and LATE_B (see `test`).
+# https://download.pytorch.org/whl/cu126" for a GPU), JOBS (make test: zoo entries, then test
+# files, run at once; default: the number of cores), LAB_IP, LAB_PORT, LAB_ARGS.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,26 +18,12 @@ LAB_IP ?= 127.0.0.1
 LAB_PORT ?= 8888
 LAB_ARGS ?=
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
-# Notebooks that need process B's entries run late: LATE_A in process A once its tests are done
-# (its first cells wait for the decoders B is still training), with the doctests of LATE_DOCTESTS,
-# and LATE_B in process B after its entries. Everything else runs in A while B trains. Each
-# process has one thread: never more threads than cores; two workers of two threads each on two
-# cores made make test three times slower (12.7 min instead of 3.9, measured), as OpenMP threads
-# fight for the cores.
-LATE_A ?= notebooks/03_diffusion_decoders.ipynb
-LATE_B ?= notebooks/05_signal_tokens_and_output_projection.ipynb notebooks/06_lora_instruction_tuning.ipynb \
-	notebooks/07_any_to_any.ipynb
-EARLY_NOTEBOOKS := $(filter-out $(LATE_A) $(LATE_B),$(NOTEBOOKS))
-# Doctests that generate with the decoders B trains run late, in A (the any-to-any example).
-LATE_DOCTESTS := mmlib/anytoany.py
+# The longest notebooks first, so that the test workers finish together.
+LONG_NOTEBOOKS := notebooks/07_any_to_any.ipynb notebooks/03_diffusion_decoders.ipynb notebooks/06_lora_instruction_tuning.ipynb
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --nbval-sanitize-with tests/nbval_sanitize.cfg
-# Zoo entries make test trains before pytest, in two processes of one thread each (see `test`).
-# Stages 2 and 3 need only the decoders' text encoders (lesson 1's), so they train in A beside the
-# UNets, then lesson 6's frozen-LLM run, and lesson 7's regime (a) (from scratch, it needs nothing)
-# ends A's list. The judge, ImageBind (ready before A's stage 1 asks for it) and lesson 6's full
-# fine-tuning go to B, to even out the two processes' time.
-PREBUILT_A ?= clip audio-decoder llm stage1 stage2 stage3 stage3-frozen all-at-once
-PREBUILT_B ?= judge imagebind image-vae image-decoder video-decoder stage3-full
+# One process per core, each on one thread: never more threads than cores (two workers of two
+# threads each on two cores made make test three times slower, as OpenMP threads fight for them).
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # Jupyter refuses to run as root (containers, CI) unless told it may.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 # Python may cache the bytecode of what it imports. With PYTHONDONTWRITEBYTECODE set (some CI
@@ -67,20 +53,15 @@ lab: venv
 	$(BIN)/jupyter lab --no-browser --ip=$(LAB_IP) --port=$(LAB_PORT) --ServerApp.root_dir=notebooks $(ALLOW_ROOT) $(LAB_ARGS)
 
 # A fresh, empty zoo cache for every run: each component proves it still trains from scratch.
-# Two processes of one thread each. A trains PREBUILT_A (python -m mmlib.zoo), then runs the
-# tests, the doctests and the early notebooks, then LATE_A and the late doctests. Meanwhile B trains
-# PREBUILT_B (the judge, ImageBind and the decoders; ImageBind and image-decoder wait for A's clip,
-# the stage-3 full run for A's stage2), then runs LATE_B.
-# Tests and notebooks share the cache instead of each waiting on another's lock.
+# The zoo trains every entry first, JOBS at a time in dependency order (python -m mmlib.zoo); then
+# pytest runs the tests, the doctests and the notebooks in JOBS workers, one test file or notebook
+# each at a time, all loading what the zoo trained.
 test: venv
 	@cache=$$(mktemp -d) && echo "zoo cache for this run: $$cache" && \
 	export MMLIB_CACHE=$$cache MMLIB_SCALE=tiny OMP_NUM_THREADS=1 && \
-	{ { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_A) && \
-	    $(BIN)/python -m pytest tests --doctest-modules mmlib --ignore=$(LATE_DOCTESTS) $(NBVAL) $(EARLY_NOTEBOOKS) && \
-	    $(BIN)/python -m pytest -p no:cacheprovider --doctest-modules $(LATE_DOCTESTS) $(NBVAL) $(LATE_A); } & \
-	  { MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo $(PREBUILT_B) && \
-	    $(BIN)/python -m pytest -p no:cacheprovider $(NBVAL) $(LATE_B); }; b=$$?; wait $$!; a=$$?; \
-	  test $$a -eq 0 && test $$b -eq 0; }; \
+	MMLIB_PROGRESS=0 $(BIN)/python -m mmlib.zoo --jobs $(JOBS) all && \
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadscope $(NBVAL) $(LONG_NOTEBOOKS) \
+		$(filter-out $(LONG_NOTEBOOKS),$(NOTEBOOKS)) tests --doctest-modules mmlib; \
 	status=$$?; rm -rf $$cache; exit $$status
 
 # MMLIB_PROGRESS=0: a progress bar saved in a notebook shows frozen at 0%; the lab still shows them live.

@@ -358,6 +358,7 @@ def build(names, jobs: int = 1, progress: bool = True) -> None:
     if jobs == 1 or len(waiting) <= 1:
         for name in waiting:
             start = time.perf_counter()
+            say(f"zoo: training {name}", flush=True)
             ensure(name, progress=False)
             say(f"zoo: {name} ready ({time.perf_counter() - start:.0f} s)", flush=True)
         return

@@ -114,6 +114,23 @@ def margin(record: dict) -> float | None:
                                                                                           0.0 if record["holds"] else -1.0)
 
 
+def print_table(records: dict, labels: list[str]) -> None:
+    """One row per asserted figure: lesson, figure, bar, its value in each run (`labels`) and the worst margin."""
+    print()
+    print(f"{'lesson':<10}{'figure':<64}{'bar':>12}" + "".join(f"{label[:12]:>13}" for label in labels) + f"{'worst margin':>14}")
+    for (notebook, _, text), by_run in records.items():
+        any_record = next(iter(by_run.values()))
+        bar = f"{any_record['op']} {any_record['bar']:.3f}" if any_record["value"] is not None else "holds"
+        values = []
+        for label in labels:
+            record = by_run.get(label)
+            values.append("-" if record is None else (f"{record['value']:.3f}" if record["value"] is not None
+                                                       else ("yes" if record["holds"] else "NO")))
+        margins = [margin(r) for r in by_run.values()]
+        print(f"{notebook[:9]:<10}{text[:63]:<64}{bar:>12}" + "".join(f"{v:>13}" for v in values)
+              + f"{min(margins):>+14.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -146,19 +163,7 @@ def main() -> None:
             failed = sum(not r["holds"] for r in lines)
             print(f"{label}: {notebook.stem} {seconds:.0f} s, {len(lines)} checks, {failed} failed", flush=True)
     labels = [f"seed {s}" + (f", {t} threads" if t != 1 else "") for s, t in runs]
-    print()
-    print(f"{'lesson':<10}{'figure':<64}{'bar':>12}" + "".join(f"{label[:12]:>13}" for label in labels) + f"{'worst margin':>14}")
-    for (notebook, _, text), by_run in records.items():
-        any_record = next(iter(by_run.values()))
-        bar = f"{any_record['op']} {any_record['bar']:.3f}" if any_record["value"] is not None else "holds"
-        values = []
-        for label in labels:
-            record = by_run.get(label)
-            values.append("-" if record is None else (f"{record['value']:.3f}" if record["value"] is not None
-                                                       else ("yes" if record["holds"] else "NO")))
-        margins = [margin(r) for r in by_run.values()]
-        print(f"{notebook[:9]:<10}{text[:63]:<64}{bar:>12}" + "".join(f"{v:>13}" for v in values)
-              + f"{min(margins):>+14.3f}")
+    print_table(records, labels)
     if args.json:
         Path(args.json).write_text(json.dumps([{"notebook": n, "figure": t, "runs": r} for (n, _, t), r in records.items()]))
 

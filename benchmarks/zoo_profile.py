@@ -67,6 +67,7 @@ class Clock:
 def instrument(clock: Clock) -> None:
     """Route the course's data, forward, backward, optimizer and sampling calls through `clock`."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     import mmlib.decoders
     import mmlib.instruction
@@ -104,10 +105,10 @@ def instrument(clock: Clock) -> None:
         if optimizer["mine"]:
             clock.leave()
 
-    torch.optim.optimizer.register_optimizer_step_pre_hook(step_before)
-    torch.optim.optimizer.register_optimizer_step_post_hook(step_after)
+    register_optimizer_step_pre_hook(step_before)
+    register_optimizer_step_post_hook(step_after)
     steps = defaultdict(int)
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: steps.__setitem__("n", steps["n"] + 1))
+    register_optimizer_step_post_hook(lambda *_: steps.__setitem__("n", steps["n"] + 1))
     clock.steps = steps
 
 

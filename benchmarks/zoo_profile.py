@@ -26,7 +26,6 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
-import numpy as np
 
 
 class Clock:

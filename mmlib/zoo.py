@@ -137,7 +137,7 @@ def settings(name: str) -> dict:
     return {
         "sections": {spec: _section_part(spec) for spec in item.sections},
         "files": {relative: _sha256(_data_path(relative)) for relative in sorted({*world, *item.files})},
-        "needs": {need: fingerprint(need) for need in item.needs},
+        "needs": {need: f"v{get_entry(need).version}-{fingerprint(need)}" for need in item.needs},  # a retrained need retrains this
     }
 
 

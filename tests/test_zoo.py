@@ -119,6 +119,9 @@ def test_a_changed_config_section_trains_new_entries_down_the_line(cache, monkey
         assert zoo.load("test-top") == 0.5 and len(calls) == 4
         monkeypatch.delenv("MMLIB_CONFIG_FILE")  # undone: the first entries are still cached
         assert zoo.load("test-top") == 2 * JudgeConfig().lr and len(calls) == 4
+        zoo.entry("test-base", load=read_value, version=2, sections=("judge",))(train_base)  # its recipe changed
+        assert zoo.folder("test-top") != default[1], "what builds on a retrained entry retrains too"
+        assert zoo.load("test-top") == 2 * JudgeConfig().lr and calls[4:] == ["top", "base"]
         manifest = json.loads((default[0] / "manifest.json").read_text())
         assert manifest["settings"]["sections"] == {"judge": {}}
     finally:

@@ -11,9 +11,9 @@ code the lesson runs and stores it; every later call loads it in a second.
   (``MMLIB_CACHE`` defaults to the user cache dir). ``<settings>`` fingerprints what else the
   training depends on: the config sections the entry declares (as ``configs/<scale>.yaml`` or
   ``MMLIB_CONFIG_FILE`` gives them), its data files, the world's caption files, and the
-  fingerprints of the entries it needs. Changing any of these, the scale, the seed or the entry's
-  version trains a new one (the old one stays cached, for when the change is undone); nothing
-  stale is ever loaded. An entry's training that reads a section, a data file or another entry it
+  versions and fingerprints of the entries it needs. Changing any of these, the scale, the seed
+  or the entry's version trains a new one (the old one stays cached, for when the change is
+  undone); nothing stale is ever loaded. An entry's training that reads a section, a data file or another entry it
   does not declare is an error, so every fresh zoo build checks the declarations.
 - Training is seeded from the course seed, so it is deterministic; a file lock keeps two processes
   (two notebooks, two pytest workers) from training the same entry at once.
@@ -137,7 +137,7 @@ def settings(name: str) -> dict:
     return {
         "sections": {spec: _section_part(spec) for spec in item.sections},
         "files": {relative: _sha256(_data_path(relative)) for relative in sorted({*world, *item.files})},
-        "needs": {need: f"v{get_entry(need).version}-{fingerprint(need)}" for need in item.needs},  # a retrained need retrains this
+        "needs": {need: f"v{get_entry(need).version}-{fingerprint(need)}" for need in item.needs},
     }
 
 

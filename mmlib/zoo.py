@@ -13,8 +13,9 @@ code the lesson runs and stores it; every later call loads it in a second.
   ``MMLIB_CONFIG_FILE`` gives them), its data files, the world's caption files, and the
   versions and fingerprints of the entries it needs. Changing any of these, the scale, the seed
   or the entry's version trains a new one (the old one stays cached, for when the change is
-  undone); nothing stale is ever loaded. An entry's training that reads a section, a data file or another entry it
-  does not declare is an error, so every fresh zoo build checks the declarations.
+  undone); nothing stale is ever loaded. An entry's training that reads a section, a data file
+  or another entry it does not declare is an error, so every fresh zoo build checks the
+  declarations.
 - Training is seeded from the course seed, so it is deterministic; a file lock keeps two processes
   (two notebooks, two pytest workers) from training the same entry at once.
 - A folder is published only once complete (written under a temporary name, then renamed), and

@@ -34,8 +34,8 @@ class AutoencoderConfig:
     block_out_channels: tuple = (16, 32, 32)  # three blocks: two 2x downsamplings, 32x32 -> 8x8
     latent_channels: int = 4  # as Stable Diffusion
     norm_num_groups: int = 8  # GroupNorm groups; must divide every block's channels
-    steps: int = 1000  # training steps (about 30 dB PSNR; 296 s on one thread in make test, beside another run)
-    batch_size: int = 64
+    steps: int = 1000  # training steps: pictures reach about 29-30 dB PSNR, and fewer steps reach far less
+    batch_size: int = 32  # the step count sets the PSNR: a batch of 64 is no sharper, at twice the cost
     lr: float = 3e-3
     kl_weight: float = 1e-6  # SD-like: reconstruction first, just enough KL to keep latents tame
 
@@ -46,7 +46,6 @@ class AudioAutoencoderConfig(AutoencoderConfig):
 
     channels: int = 1
     steps: int = 600
-    batch_size: int = 32
     lr: float = 4e-3
 
 

@@ -504,12 +504,12 @@ def load_decoder(modality: str, config: DecoderConfig | None = None) -> Decoder:
 
 # -- zoo entries ------------------------------------------------------------------------------
 
-def _vae_entry(modality: str, config_class: type) -> None:
+def _vae_entry(modality: str, config_class: type, version: int = 1) -> None:
     def train(folder: Path) -> None:
         config = course_config.scale_config(f"{modality}_vae", config_class)
         train_autoencoder(modality, config).save_pretrained(folder)
 
-    zoo.entry(f"{modality}-vae", load=AutoencoderKL.from_pretrained, lesson="03_diffusion_decoders.ipynb",
+    zoo.entry(f"{modality}-vae", load=AutoencoderKL.from_pretrained, version=version, lesson="03_diffusion_decoders.ipynb",
               description=f"AutoencoderKL of {'pictures' if modality == 'image' else 'log-mel spectrograms'}, 32x32 -> 8x8x4",
               sections=(f"{modality}_vae",))(train)
 
@@ -543,7 +543,7 @@ def _decoder_entry(modality: str, description: str, version: int = 1, needs: tup
 
 course_config.register_section("image_vae", AutoencoderConfig)
 course_config.register_section("audio_vae", AudioAutoencoderConfig)
-_vae_entry("image", AutoencoderConfig)
+_vae_entry("image", AutoencoderConfig, version=2)
 _vae_entry("audio", AudioAutoencoderConfig)
 _decoder_entry("image", "tiny Stable Diffusion: text -> 32x32 pictures", version=2, needs=("image-vae", "clip"))
 _decoder_entry("audio", "tiny AudioLDM: text -> log-mel latents -> Griffin-Lim waveforms", version=3,

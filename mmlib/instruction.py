@@ -358,7 +358,7 @@ class Stage3Config:
     # frozen UNets; + "replay": stage 1's captions rehearsed (L(Encoder-LLM)). Replay keeps every
     # attribute of every input read as well as after stage 1 (>= 0.97 at seeds 0 and 1; without
     # it, down to 0.80 at seed 1). Alone it costs lesson 7's (imu, video) cell at seed 0 (0.78), so
-    # the tiny zoo trains it with fill_unknown (configs/tiny.yaml has the figures).
+    # the tiny zoo trains it with fill_unknown.
     terms: tuple = ("answer", "alignment")
     steps: int = 600
     batch_size: int = 24  # dialogues per step (one to two turns each)

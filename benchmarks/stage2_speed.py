@@ -23,7 +23,7 @@ from mmlib.clip import ClipConfig
 from mmlib.data import World
 from mmlib.decoders import CONFIGS, OUTPUTS, train_decoder
 from mmlib.encoders import ConvEncoderConfig, TextEncoder, build_encoders, count_parameters, tower_spec
-from mmlib.input_projection import InputProjectionConfig, build_multimodal_llm
+from mmlib.input_projection import Stage1Config, build_multimodal_llm
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm
 from mmlib.output_projection import Stage2Config, build_signal_llm, projector_for, request, train_stage2
 from mmlib.tokenizer import train_tokenizer
@@ -53,7 +53,7 @@ def main() -> None:
     llm_tokenizer = copy.deepcopy(tokenizer)  # the decoders' text encoders keep 32 positions, the LLM reads 128
     llm_tokenizer.model_max_length = 128
     llm = TrainedLLM(build_llm(llm_tokenizer, course_config.scale_config("llm", LLMConfig, "tiny")), llm_tokenizer)
-    base = build_multimodal_llm(encoders, llm, InputProjectionConfig(kind="mlp", tokens=4))
+    base = build_multimodal_llm(encoders, llm, course_config.scale_config("stage1", Stage1Config, "tiny").projection)
     decoders = untrained_decoders(world, tokenizer)
     config = course_config.scale_config("stage2", Stage2Config, "tiny")
     print(f"threads {torch.get_num_threads()}")

@@ -19,7 +19,7 @@ import torch
 from mmlib import config as course_config
 from mmlib.data import World
 from mmlib.encoders import ConvEncoderConfig, build_encoders, tower_spec
-from mmlib.input_projection import InputProjectionConfig, build_multimodal_llm
+from mmlib.input_projection import Stage1Config, build_multimodal_llm
 from mmlib.instruction import (LoraSettings, Stage3Config, add_lora, peak_resident_gib, prepare_stage3, reset_peak,
                                train_stage3, trainable_parameters)
 from mmlib.llm import LLMConfig, TrainedLLM, build_llm, llama_config
@@ -52,7 +52,7 @@ def main() -> None:
     llm_tokenizer.model_max_length = 128
     llm = TrainedLLM(build_llm(llm_tokenizer, course_config.scale_config("llm", LLMConfig, "tiny")), llm_tokenizer)
     encoders = build_encoders({"image": tower_spec("conv", ConvEncoderConfig())}).eval()
-    base = build_multimodal_llm(encoders, llm, InputProjectionConfig(kind="mlp", tokens=4))
+    base = build_multimodal_llm(encoders, llm, course_config.scale_config("stage1", Stage1Config, "tiny").projection)
     model = build_signal_llm(base, untrained_decoders(world, tokenizer), course_config.scale_config("stage2", Stage2Config, "tiny"))
     merge_signal_rows(model)
     print(f"threads {torch.get_num_threads()}; {STEPS} steps of {Stage3Config().batch_size} dialogues each, in a fresh process per row")

@@ -91,7 +91,7 @@ class LLMConfig:
     num_heads: int = 4
     max_positions: int = 128  # longest sequence (a dialogue is ~45 tokens)
     steps: int = 1200  # optimizer steps (about 75 s on one thread); most of copying from context is learned
-    # by then, not all of it at every seed: configs/tiny.yaml asks for 1,800 (lesson 4 prints the weakest attribute)
+    # by then, not all of it at every seed: configs/tiny.yaml asks for 1,800 and 8 heads (lesson 4 prints the weakest)
     batch_size: int = 32  # texts per step
     lr: float = 3e-3  # peak learning rate (one-cycle: warm up, then cosine down)
     weight_decay: float = 0.01

@@ -8,7 +8,8 @@ from here, so one environment variable changes them everywhere:
 - ``MMLIB_SEED``: an integer, default 0; every random thing in the course flows from it;
 - ``MMLIB_DEVICE``: optional override of the device (``cpu``, ``cuda``, ``cuda:1``, ``mps``);
 - ``MMLIB_PROGRESS``: ``0`` hides progress bars (default: shown);
-- ``MMLIB_CONFIG_FILE``: optional YAML file read instead of ``configs/<scale>.yaml``.
+- ``MMLIB_CONFIG_FILE``: optional YAML file of your own, layered over ``configs/<scale>.yaml``:
+  the keys it names replace the scale's, the others keep the scale's tuned values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import numbers
 import os
 import random
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,13 +196,50 @@ def make_config(cls: type[T], overrides: dict[str, Any] | None = None, path: str
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         kind = hints.get(name)
+        where = f"{path}.{name}" if path else name
         if isinstance(value, dict) and dataclasses.is_dataclass(kind):
             # Start from the field's own default (e.g. ClapConfig's training has steps=200), not
             # from the nested class's defaults: a YAML section overrides only the keys it names.
             default = _field_default(fields[name])
             base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
-            values[name] = make_config(kind, _merge(base, value), path=f"{path}.{name}" if path else name)
+            values[name] = make_config(kind, _merge(base, value), path=where)
+        else:
+            values[name] = _typed(value, kind, where, _field_default(fields[name]))
     return cls(**values)
+
+
+def _typed(value: Any, kind: Any, where: str, default: Any) -> Any:
+    """`value` if it fits the annotation `kind`, else a ValueError naming `where`, what it is and what to write.
+
+    YAML reads ``1e-3`` (no dot) as a string: a float field takes such a string as the number it spells.
+    """
+    if value is None and default is None:
+        return value
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None and len(options) < len(typing.get_args(kind)):
+            return value
+        kind = options[0] if len(options) == 1 else Any
+    kind = typing.get_origin(kind) or kind
+    fits = {bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+            tuple: lambda v: isinstance(v, (tuple, list)), list: lambda v: isinstance(v, (tuple, list)),
+            dict: lambda v: isinstance(v, dict)}
+    if dataclasses.is_dataclass(kind):
+        fits[kind] = lambda v: isinstance(v, kind)
+    if kind not in fits or fits[kind](value):
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    wanted = {bool: "true or false", int: "a whole number (e.g. 12, not 12.5 or '12')", float: "a number (e.g. 0.001)",
+              str: "a string", tuple: "a list (e.g. [32, 64])", list: "a list (e.g. [32, 64])",
+              dict: "a mapping (e.g. {image: 600})"}.get(kind, f"a {getattr(kind, '__name__', kind)} section (a mapping of its keys)")
+    raise ValueError(f"{where} is {value!r} ({type(value).__name__}), but it must be {wanted}")
 
 
 def _field_default(field: dataclasses.Field) -> Any:
@@ -238,20 +277,77 @@ def register_section(name: str, cls: type) -> type:
     return cls
 
 
-def _read_scale_file(scale_name: str) -> dict:
+def _read_yaml(path: Path) -> dict:
+    """The sections of one YAML config file, or an error that names the file and the line."""
     import yaml
 
-    path = CONFIG_DIR / f"{check_scale(scale_name)}.yaml"
-    if os.environ.get("MMLIB_CONFIG_FILE"):  # a practitioner's own file in place of configs/<scale>.yaml
-        path = Path(os.environ["MMLIB_CONFIG_FILE"])
-        if not path.is_file():
-            raise FileNotFoundError(f"MMLIB_CONFIG_FILE={path} is not a file")
-    if not path.exists():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}{line} is not valid YAML: {problem}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ValueError(f"{path} must hold a mapping of sections (e.g. 'llm: {{steps: 100}}'), got {type(data).__name__}")
+    for section, values in data.items():
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping of keys (e.g. '{section}: {{steps: 100}}'), "
+                             f"got {values!r}")
     return data
+
+
+def user_config_file() -> Path | None:
+    """The file ``MMLIB_CONFIG_FILE`` names (checked to exist), or None."""
+    if not os.environ.get("MMLIB_CONFIG_FILE"):
+        return None
+    path = Path(os.environ["MMLIB_CONFIG_FILE"])
+    if not path.is_file():
+        raise FileNotFoundError(f"MMLIB_CONFIG_FILE={path} is not a file")
+    return path
+
+
+def source_name(scale_name: str) -> str:
+    """How errors name the settings in use: ``tiny.yaml``, or ``mine.yaml`` when ``MMLIB_CONFIG_FILE`` adds one."""
+    mine = user_config_file()
+    return mine.name if mine else f"{check_scale(scale_name)}.yaml"
+
+
+_CHECKED_USER_FILES: set = set()
+
+
+def _check_user_file(path: Path, data: dict) -> None:
+    """Sections, keys and types of a user's file, checked once per version of it, named by its path."""
+    import importlib
+
+    import mmlib
+
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
+    if stamp in _CHECKED_USER_FILES:
+        return
+    _CHECKED_USER_FILES.add(stamp)  # first, so that a check reading a section does not recurse
+    try:
+        for module in mmlib.LESSON_MODULES:  # each registers the sections it reads
+            importlib.import_module(module)
+        for section, values in data.items():
+            if section not in SECTIONS:
+                raise ValueError(f"{path}: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")
+            make_config(SECTIONS[section], values or {}, path=f"{path.name}:{section}")
+    except Exception:
+        _CHECKED_USER_FILES.discard(stamp)
+        raise
+
+
+def _read_scale_file(scale_name: str) -> dict:
+    """``configs/<scale>.yaml``, with ``MMLIB_CONFIG_FILE``'s sections merged over it key by key."""
+    path = CONFIG_DIR / f"{check_scale(scale_name)}.yaml"
+    data = _read_yaml(path) if path.exists() else {}
+    mine = user_config_file()
+    if mine is None:
+        return data
+    overrides = _read_yaml(mine)
+    _check_user_file(mine, overrides)
+    return _merge(data, {section: values or {} for section, values in overrides.items()})
 
 
 # What the zoo's training runs read: a stack of sets of (kind, name) records, one per entry in
@@ -287,7 +383,7 @@ def scale_config(section: str, cls: type[T], scale_name: str | None = None) -> T
     scale_name = scale() if scale_name is None else scale_name
     note_read("section", section)
     values = section_values(section, scale_name)
-    return make_config(cls, values, path=f"{scale_name}.yaml:{section}")
+    return make_config(cls, values, path=f"{source_name(scale_name)}:{section}")
 
 
 def check_config_file(scale_name: str) -> None:
@@ -300,7 +396,7 @@ def check_config_file(scale_name: str) -> None:
         importlib.import_module(module)
     for section, values in _read_scale_file(scale_name).items():
         if section not in SECTIONS:
-            raise ValueError(f"{scale_name}.yaml: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")
-        make_config(SECTIONS[section], values or {}, path=f"{scale_name}.yaml:{section}")
+            raise ValueError(f"{source_name(scale_name)}: unknown section {section!r}; known sections: {', '.join(SECTIONS)}")
+        make_config(SECTIONS[section], values or {}, path=f"{source_name(scale_name)}:{section}")
     for check in CHECKS:
         check(scale_name)

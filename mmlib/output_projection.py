@@ -446,7 +446,7 @@ def check_projector_sizes(scale_name: str) -> None:
         if expected is not None and tuple(recorded) != tuple(expected):
             decoder = course_config.scale_config(f"{modality}_decoder", CONFIGS[modality], scale_name)
             source = decoder.pretrained or "lesson 1's text tower (clip.text: max_length, hidden_size)"
-            raise ValueError(f"{scale_name}.yaml:stage2.conditioning.{modality} is {list(recorded)}, but the "
+            raise ValueError(f"{course_config.source_name(scale_name)}:stage2.conditioning.{modality} is {list(recorded)}, but the "
                              f"{modality} decoder ({source}) attends to {list(expected)} (tokens, dim): "
                              f"set it to {list(expected)}")
 

@@ -303,7 +303,7 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
     conditioning = {m: stage2.conditioning.get(m) or conditioning_shape(m, scale_name) for m in stage2.outputs}
     missing = [m for m, shape in conditioning.items() if shape is None]
     if missing:
-        raise ValueError(f"{scale_name}.yaml:stage2.conditioning has no (tokens, dim) for {missing}, and their "
+        raise ValueError(f"{course_config.source_name(scale_name)}:stage2.conditioning has no (tokens, dim) for {missing}, and their "
                          "decoders are not in mmlib.decoders.KNOWN_CONDITIONING: the projectors' size comes from it")
     with torch.device("meta"):
         llm = LlamaForCausalLM(architecture)
@@ -541,8 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmlib.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", type=int, nargs="+", required=True, choices=STAGES,
                         help="1, 2 or 3, or several in a row (--stage 1 2 3)")
-    parser.add_argument("--config", help="a scale (tiny, small, full) or a YAML file shaped like configs/<scale>.yaml; "
-                        "default: MMLIB_SCALE")
+    parser.add_argument("--config", help="a scale (tiny, small, full) or a YAML file shaped like configs/<scale>.yaml, "
+                        "layered over the scale MMLIB_SCALE names (default: MMLIB_SCALE alone)")
     parser.add_argument("--output", default="runs", help="run folder: stage N writes <output>/stage<N>/checkpoint-*, "
                         "and its result to <output>/stage<N>/final (default: runs)")
     parser.add_argument("--init", help="where the first stage given starts from, if 2 or 3: the previous stage's final "

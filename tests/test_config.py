@@ -197,3 +197,71 @@ def test_one_thread_restores_the_count_after_an_error():
             assert torch.get_num_threads() == 1
             raise RuntimeError("training failed")
     assert torch.get_num_threads() == before
+
+
+# -- a user's own config file (MMLIB_CONFIG_FILE) ---------------------------------------------------
+
+def mine(tmp_path, monkeypatch, text: str):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("MMLIB_CONFIG_FILE", str(path))
+    monkeypatch.setenv("MMLIB_SCALE", "tiny")
+    return path
+
+
+def test_a_one_line_file_changes_one_key_and_keeps_the_scales_tuned_values(tmp_path, monkeypatch):
+    from mmlib.llm import LLMConfig
+
+    tuned = config.scale_config("llm", LLMConfig, "tiny")
+    assert tuned.steps != LLMConfig().steps, "tiny.yaml tunes llm.steps (else this test checks nothing)"
+    mine(tmp_path, monkeypatch, "llm: {lr: 0.002}\n")
+    llm = config.scale_config("llm", LLMConfig)
+    assert llm.lr == 0.002 and llm.steps == tuned.steps and llm.num_heads == tuned.num_heads
+
+
+def test_an_unknown_section_in_a_users_file_is_named_with_the_file(tmp_path, monkeypatch):
+    from mmlib.llm import LLMConfig
+
+    path = mine(tmp_path, monkeypatch, "llm: {lr: 0.002}\nlmm: {steps: 5}\n")
+    with pytest.raises(ValueError, match=rf"{path}: unknown section 'lmm'; known sections: .*llm"):
+        config.scale_config("llm", LLMConfig)
+
+
+def test_a_mistyped_key_names_the_users_file_not_the_scales(tmp_path, monkeypatch):
+    from mmlib.llm import LLMConfig
+
+    mine(tmp_path, monkeypatch, "llm: {stpes: 5}\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'mine.yaml:llm.stpes' for LLMConfig; valid keys: .*steps"):
+        config.scale_config("llm", LLMConfig)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("llm: {batch_size: 12.5}\n", r"mine.yaml:llm.batch_size is 12.5 \(float\), but it must be a whole number"),
+    ("llm: {steps: '100'}\n", r"mine.yaml:llm.steps is '100' \(str\), but it must be a whole number"),
+    ("llm: {lr: fast}\n", r"mine.yaml:llm.lr is 'fast' \(str\), but it must be a number"),
+    ("stage3: {lora: {r: true}}\n", r"mine.yaml:stage3.lora.r is True \(bool\), but it must be a whole number"),
+    ("stage3: {lora: 8}\n", r"mine.yaml:stage3.lora is 8 \(int\), but it must be a LoraSettings section"),
+    ("stage3: {terms: answer}\n", r"mine.yaml:stage3.terms is 'answer' \(str\), but it must be a list"),
+    ("llm: 1800\n", r"mine.yaml: section 'llm' must be a mapping of keys"),
+])
+def test_a_value_of_the_wrong_type_is_refused_with_its_path(tmp_path, monkeypatch, text, message):
+    from mmlib.llm import LLMConfig
+
+    mine(tmp_path, monkeypatch, text)
+    with pytest.raises(ValueError, match=message):
+        config.scale_config("llm", LLMConfig)
+
+
+def test_yamls_1e_3_string_is_read_as_the_number_it_spells(tmp_path, monkeypatch):
+    from mmlib.llm import LLMConfig
+
+    mine(tmp_path, monkeypatch, "llm: {lr: 1e-3}\n")  # YAML 1.1 reads this as the string '1e-3'
+    assert config.scale_config("llm", LLMConfig).lr == 0.001
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path, monkeypatch):
+    from mmlib.llm import LLMConfig
+
+    path = mine(tmp_path, monkeypatch, "llm:\n  steps: 5\n  lr: [0.1\n")
+    with pytest.raises(ValueError, match=rf"{path}, line \d+ is not valid YAML"):
+        config.scale_config("llm", LLMConfig)

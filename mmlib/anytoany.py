@@ -79,8 +79,10 @@ class AnyToAny:
         from mmlib.instruction import load_stage3
         from mmlib.output_projection import load_stage2
 
+        from mmlib.train import finished
+
         folder = Path(folder)
-        missing = [f"stage{n}/final" for n in (1, 2, 3) if not (folder / f"stage{n}" / "final").is_dir()]
+        missing = [f"stage{n}/final" for n in (1, 2, 3) if not finished(folder / f"stage{n}" / "final", n)]
         if missing:
             raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: train them with "
                                     f"python -m mmlib.train --stage 1 2 3 --output {folder}")

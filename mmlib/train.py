@@ -246,21 +246,57 @@ def _checked(folder: str, marker: str) -> Path:
 
 
 def save_result(step: StageStep, history: History, folder: Path) -> None:
-    """Write the trained stage as the zoo does, so `load_stage<N>` reads it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if step.stage == 1:
-        from mmlib.input_projection import save_stage1
+    """Write the trained stage as the zoo does, so `load_stage<N>` reads it.
 
-        save_stage1(step.model, history, folder)
-    elif step.stage == 2:
-        from mmlib.output_projection import merge_signal_rows, save_stage2
+    Written beside `folder`, then renamed into place: `folder` appears complete or not at all, so a
+    run killed while saving leaves no ``final`` that ``--resume`` would take for finished.
+    """
+    for leftover in folder.parent.glob(f"{folder.name}.partial-*"):  # of a run killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    partial.mkdir(parents=True)
+    try:
+        if step.stage == 1:
+            from mmlib.input_projection import save_stage1
 
-        merge_signal_rows(step.model)
-        save_stage2(step.model, history, step.config, folder)
-    else:
-        from mmlib.instruction import save_stage3
+            save_stage1(step.model, history, partial)
+        elif step.stage == 2:
+            from mmlib.output_projection import merge_signal_rows, save_stage2
 
-        save_stage3(step.model, history, step.config, folder)
+            merge_signal_rows(step.model)
+            save_stage2(step.model, history, step.config, partial)
+        else:
+            from mmlib.instruction import save_stage3
+
+            save_stage3(step.model, history, step.config, partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if folder.exists():  # an earlier run's result, replaced by this one's
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
+def finished(folder: Path, stage: int) -> bool:
+    """Whether `folder` (a stage's ``final``) holds a complete result: its ``stage<N>.json``, written last."""
+    return (folder / f"stage{stage}.json").is_file()
+
+
+def check_output(output: Path) -> Path:
+    """Create the run folder `output` now, before any training, or say why it cannot be one."""
+    for part in (output, *output.parents):
+        if part.exists() and not part.is_dir():
+            raise NotADirectoryError(f"--output {output}: {part} is a file, not a folder; give a folder path "
+                                     f"(it is created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--output {output} cannot be written ({error.strerror}): give a folder you can "
+                              f"write to") from None
+    return output
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +431,7 @@ def run(stage: int, output: str | Path, steps: int | None = None, init: str | No
     train = train or course_config.scale_config("train", TrainConfig)
     check_choice("mixed precision", train.mixed_precision, list(PRECISIONS))
     check_start(stage, init)  # before accelerate claims the devices
-    output = Path(output)
+    output = check_output(Path(output))
     # Stage 3's projectors get no gradient on a share without a turn for their output: DDP must look for those.
     accelerator = Accelerator(cpu=course_config.device().type == "cpu", mixed_precision=train.mixed_precision or None,
                               gradient_accumulation_steps=train.gradient_accumulation_steps,
@@ -528,10 +564,15 @@ def run_stages(stages, output: str | Path = "runs", steps: int | None = None, in
     if stages != list(range(stages[0], stages[-1] + 1)):
         raise ValueError(f"stages {stages} skip one: each starts from the one before (e.g. --stage 1 2 3)")
     output, histories = Path(output), {}
+    if resume and not any(finished(output / f"stage{n}" / "final", n) or latest_checkpoint(output / f"stage{n}")
+                          for n in stages):
+        raise FileNotFoundError(f"--resume: {output} holds no stage{stages[0]}..stage{stages[-1]} result or "
+                                f"checkpoint to resume from; check --output, or leave out --resume to start afresh")
+    check_output(output)
     for stage in stages:
         folder = output / f"stage{stage}"
         start_from = init if stage == stages[0] else str(output / f"stage{stage - 1}" / "final")
-        if resume and (folder / "final").exists():
+        if resume and finished(folder / "final", stage):
             continue
         histories[stage] = run(stage, folder, steps, start_from, resume and latest_checkpoint(folder) is not None, train)
     return histories

@@ -80,7 +80,11 @@ def test_bad_parts_are_refused_with_what_to_give(model, world):
 
 def test_from_run_says_which_stage_is_missing(tmp_path):
     (tmp_path / "stage1" / "final").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="stage2/final, stage3/final.*mmlib.train --stage 1 2 3"):
+    (tmp_path / "stage1" / "final" / "stage1.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="lacks stage2/final, stage3/final.*mmlib.train --stage 1 2 3"):
+        AnyToAny.from_run(tmp_path)
+    (tmp_path / "stage2" / "final").mkdir(parents=True)  # without its stage2.json: not finished
+    with pytest.raises(FileNotFoundError, match="lacks stage2/final, stage3/final"):
         AnyToAny.from_run(tmp_path)
     with pytest.raises(ValueError, match="signal tokens"):
         AnyToAny.from_zoo("stage1")

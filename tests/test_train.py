@@ -179,3 +179,52 @@ def test_deepspeed_bf16_becomes_torch_autocast_and_fp16_is_left_alone():
     assert deepspeed_precision(on_cpu, torch.device("cpu")) == {"bf16": {"enabled": True}}
     fp16 = {"fp16": {"enabled": True, "loss_scale": 0}}
     assert deepspeed_precision(fp16, torch.device("cuda")) == {"fp16": {"enabled": True, "loss_scale": 0}}
+
+
+def test_a_stage_killed_while_saving_leaves_no_final_and_resume_finishes_it(tmp_path, monkeypatch):
+    import mmlib.input_projection
+    from mmlib.train import run_stages
+
+    train = TrainConfig(checkpoint_every=2)
+    saved = mmlib.input_projection.save_stage1
+
+    def killed(model, history, folder):  # the weights written, then the process dies before stage1.json
+        saved(model, history, folder)
+        (Path(folder) / "stage1.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmlib.input_projection, "save_stage1", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_stages([1], tmp_path, steps=4, train=train)
+    assert not (tmp_path / "stage1/final").exists() and not list((tmp_path / "stage1").glob("final.partial-*"))
+    monkeypatch.setattr(mmlib.input_projection, "save_stage1", saved)
+    (tmp_path / "stage1/final").mkdir()  # a final without its stage1.json (an interrupted copy) is not finished either
+    resumed = run_stages([1], tmp_path, steps=4, resume=True, train=train)
+    assert len(resumed[1].loss["total"]) == 4 and (tmp_path / "stage1/final/stage1.json").is_file()
+    assert run_stages([1], tmp_path, steps=4, resume=True, train=train) == {}, "finished: skipped"
+
+
+def test_an_output_that_cannot_be_a_folder_is_refused_before_training(tmp_path, monkeypatch):
+    import mmlib.train
+    from mmlib.train import run_stages
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before checking --output")
+
+    monkeypatch.setattr(mmlib.train, "build_stage", never)
+    (tmp_path / "notes.txt").write_text("")
+    for output in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        with pytest.raises(NotADirectoryError, match="notes.txt is a file, not a folder"):
+            run_stages([1], output, steps=2)
+        with pytest.raises(NotADirectoryError, match="notes.txt is a file"):
+            run(1, output, steps=2)
+
+
+def test_resume_from_a_mistyped_output_says_so_instead_of_starting_afresh(tmp_path):
+    from mmlib.train import run_stages
+
+    (tmp_path / "runs/nextgpt/stage1/checkpoint-2").mkdir(parents=True)  # no trainer.json: not a checkpoint
+    with pytest.raises(FileNotFoundError, match=r"--resume: .*nextgtp holds no stage1..stage3 result or checkpoint"):
+        run_stages([1, 2, 3], tmp_path / "runs/nextgtp", steps=2, resume=True)
+    with pytest.raises(FileNotFoundError, match="holds no stage1..stage2"):
+        run_stages([1, 2], tmp_path / "runs/nextgpt", steps=2, resume=True)

@@ -23,7 +23,8 @@ recipe, the dataclass default, does not: see `Stage3Config.terms`.
   modality, its edits (``{color*}``) change the scene the answer must show, and every turn
   records what its answer must state (`Turn.expect`). Templates under ``test`` are held out.
 - Dialogue files are JSON Lines (`save_dialogues`, `load_dialogues`); a bad line is rejected
-  with its number and the reason.
+  with its number and the reason. Each dialogue records the world's seed it was made at, and a
+  dialogue is refused by a world of another seed (`check_seed`), whose scene would not match it.
 - `run_dialogues` lets a model hold the dialogues turn by turn on its own answers, generates
   every output it asks for and grades them: a dialogue succeeds when every answer states the
   expected attributes (and no others) and the judge reads every output as asked.
@@ -101,6 +102,7 @@ class Dialogue:
     template: str
     scene: int  # the scene's index in the world
     turns: list
+    seed: int | None = None  # the world's seed: at another seed, scene `scene` shows other attributes
 
 
 def load_templates(path: Path | None = None) -> dict[str, dict[str, list]]:
@@ -205,7 +207,7 @@ def make_dialogues(world: World, split: str, n: int, templates: list[str] | None
                 answer = answer.replace("{" + attribute + "}", answer_phrase(attribute, values[attribute]))
                 expect[attribute] = values[attribute]
             turns.append(Turn(user, inputs, answer, expect, dict(values)))
-        dialogues.append(Dialogue(name, int(index[i]), turns))
+        dialogues.append(Dialogue(name, int(index[i]), turns, world.seed))
     return dialogues
 
 
@@ -229,7 +231,10 @@ def save_dialogues(dialogues: list[Dialogue], path: Path) -> None:
 def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
     """A dialogue from a parsed JSON record, or a DialogueError naming `where` and the reason."""
     if not isinstance(record, dict) or not {"template", "scene", "turns"} <= set(record):
-        raise DialogueError(f"{where}: a dialogue is an object with template, scene and turns")
+        raise DialogueError(f"{where}: a dialogue is an object with template, scene and turns (and seed)")
+    unknown = sorted(set(record) - {"template", "scene", "turns", "seed"})
+    if unknown:
+        raise DialogueError(f"{where}: unknown key(s) {unknown}; a dialogue has template, scene, turns and seed")
     if not isinstance(record["scene"], int) or record["scene"] < 0:
         raise DialogueError(f"{where}: scene must be a scene index (a non-negative integer), got {record['scene']!r}")
     if not isinstance(record["turns"], list) or not record["turns"]:
@@ -256,7 +261,20 @@ def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
         if set(turn["values"]) != set(ATTRIBUTES):
             raise DialogueError(f"{at}: values must give all six attributes ({', '.join(ATTRIBUTES)})")
         turns.append(Turn(**turn))
-    return Dialogue(record["template"], record["scene"], turns)
+    seed = record.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise DialogueError(f"{where}: seed must be the world's seed it was made at (a non-negative integer), got {seed!r}")
+    return Dialogue(record["template"], record["scene"], turns, seed)
+
+
+def check_seed(dialogues: list[Dialogue], world: World) -> None:
+    """Refuse dialogues made at another seed than `world`'s: their scene indices show other scenes there."""
+    other = [d for d in dialogues if d.seed is not None and d.seed != world.seed]
+    if other:
+        seeds = sorted({d.seed for d in other})
+        raise DialogueError(f"{len(other)} of {len(dialogues)} dialogues were made at seed {', '.join(map(str, seeds))}, but "
+                            f"the world is seed {world.seed}: their scenes there show other attributes than their answers "
+                            f"state. Use World(seed={seeds[0]}) (MMLIB_SEED={seeds[0]}), or make the dialogues at this seed.")
 
 
 def load_dialogues(path: Path, outputs=OUTPUTS) -> list[Dialogue]:
@@ -318,6 +336,7 @@ def _embed_inputs(model: SignalLLM, world: World, wanted: list[list[tuple[str, i
 
 def training_examples(model: SignalLLM, world: World, dialogues: list[Dialogue]):
     """Every turn of the dialogues as (prompts, inputs, answers with signal tokens, turns), gold history."""
+    check_seed(dialogues, world)
     prompts, wanted, answers, turns = [], [], [], []
     for dialogue in dialogues:
         history, seen = [], []
@@ -600,6 +619,7 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
     output starts from its own noise, seeded by its scene and turn, so a dialogue's grade does not
     depend on which other dialogues share its batch.
     """
+    check_seed(dialogues, world)
     records = [{"template": d.template, "turns": []} for d in dialogues]
     histories = [[] for _ in dialogues]
     seen = [[] for _ in dialogues]

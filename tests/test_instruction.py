@@ -84,6 +84,23 @@ def test_a_bad_dialogue_file_is_rejected_with_the_line_and_the_reason(tmp_path, 
         load_dialogues(tmp_path / "d.jsonl", outputs=("image", "audio"))
 
 
+def test_dialogues_made_at_one_seed_are_refused_by_a_world_of_another(tmp_path):
+    """A dialogue names its scene by index; at another seed that index shows another scene."""
+    save_dialogues(make_dialogues(World(seed=0), "test", 12), tmp_path / "d.jsonl")
+    assert all(json.loads(line)["seed"] == 0 for line in (tmp_path / "d.jsonl").read_text().splitlines())
+    loaded = load_dialogues(tmp_path / "d.jsonl")
+    for use in (training_examples, run_dialogues):  # refused before any model is run
+        with pytest.raises(DialogueError, match=r"12 of 12 dialogues were made at seed 0, but the world is seed 1.*MMLIB_SEED=0"):
+            use(None, World(seed=1), loaded)
+    record = json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0])
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**record, "seed": "zero"}) + "\n")
+    with pytest.raises(DialogueError, match=r"bad.jsonl:1: seed must be the world's seed"):
+        load_dialogues(tmp_path / "bad.jsonl")
+    del record["seed"]  # a hand-written dialogue without one is read at the world's seed
+    (tmp_path / "mine.jsonl").write_text(json.dumps(record) + "\n")
+    assert load_dialogues(tmp_path / "mine.jsonl")[0].seed is None
+
+
 def test_a_line_that_is_not_json_is_rejected_with_its_number(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n{not json\n")
     with pytest.raises(DialogueError, match=r"d.jsonl:2: not valid JSON"):

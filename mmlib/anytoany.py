@@ -26,6 +26,8 @@ the same on a run of ``python -m mmlib.train`` (`AnyToAny.from_run`).
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,34 @@ class Reply:
     asked: str | None
     outputs: dict  # {modality: tensor}: a picture (3, H, W), a waveform (samples,), a clip (frames, 3, H, W)
     conversation: Conversation  # pass it to the next call to go on
+
+
+# The world's value ranges (mmlib.data.World): an input outside them is another kind of data.
+VALUE_RANGES = {"image": (0.0, 1.0), "depth": (0.0, 1.0), "thermal": (0.0, 1.0), "video": (0.0, 1.0),
+                "audio": (-1.0, 1.0)}
+
+
+def check_values(modality: str, data: torch.Tensor) -> None:
+    """Refuse an input whose values are not real, finite numbers in the world's range for `modality`.
+
+    Floats of any width are read (as float32); integers, booleans and complex numbers are refused,
+    since a cast would hide what they mean (a uint8 picture in 0..255 is not one in [0, 1]).
+    """
+    if not data.dtype.is_floating_point:
+        hint = " (a picture in 0..255? divide it by 255)" if modality in VALUE_RANGES and not data.dtype.is_complex \
+            and data.dtype != torch.bool and VALUE_RANGES[modality] == (0.0, 1.0) else ""
+        low, high = VALUE_RANGES.get(modality, ("any", "real"))
+        raise TypeError(f"the {modality} input holds {str(data.dtype).removeprefix('torch.')} values; give floats"
+                        + (f" in [{low:g}, {high:g}]" if modality in VALUE_RANGES else "") + hint)
+    if data.numel() and not torch.isfinite(data).all():
+        raise ValueError(f"the {modality} input holds NaN or infinite values")
+    if modality in VALUE_RANGES and data.numel():
+        low, high = VALUE_RANGES[modality]
+        smallest, largest = data.min().item(), data.max().item()
+        if smallest < low - 1e-3 or largest > high + 1e-3:
+            hint = " (a picture in 0..255? divide it by 255)" if high == 1.0 and largest > 1.5 else ""
+            raise ValueError(f"the {modality} input holds values from {smallest:.3g} to {largest:.3g}, but the "
+                             f"encoder reads {modality} in [{low:g}, {high:g}]{hint}")
 
 
 class AnyToAny:
@@ -109,6 +139,7 @@ class AnyToAny:
         if not isinstance(data, torch.Tensor):
             raise TypeError(f"a {modality} input is a tensor or numpy array (one item, no batch axis), "
                             f"got {type(data).__name__}")
+        check_values(modality, data)
         return self.model.base.encode(modality, data.float().unsqueeze(0))[0]  # (1, ...) -> (1, D) -> (D,)
 
     @torch.no_grad()
@@ -142,13 +173,36 @@ class AnyToAny:
             raise ValueError("an empty turn: give some text or an input")
         from mmlib.instruction import prompt_for
 
-        prompt = prompt_for(conversation.turns, user)
-        (text, asked), = self.model.write([prompt], [inputs], max_new_tokens)
+        prompt, read = self._fit(conversation.turns, user, inputs, max_new_tokens)
+        (text, asked), = self.model.write([prompt], [read], max_new_tokens)
         outputs = {}
         if asked is not None and generate:
-            outputs[asked] = self.model.generate_output(asked, [prompt], [text], [inputs], **decoder_options)[0]
+            outputs[asked] = self.model.generate_output(asked, [prompt], [text], [read], **decoder_options)[0]
         answer = self.model.answer(asked, text) if asked else text
         return Reply(text, asked, outputs, Conversation(conversation.turns + [(user, answer)], inputs))
+
+
+    def _fit(self, turns: list, user: str, inputs: list, new_tokens: int) -> tuple[str, list]:
+        """The prompt of `turns` and `user`, without the oldest turns (and their inputs) that do not fit.
+
+        A chat keeps what the LLM can read: its latest turns, within its positions, with a warning
+        when earlier ones are left out. A turn that alone does not fit is refused.
+        """
+        from mmlib.instruction import PLACEHOLDER, prompt_for
+
+        base = self.model.base
+        for first in range(len(turns) + 1):
+            prompt = prompt_for(turns[first:], user)
+            if base.positions(prompt) + new_tokens <= base.max_positions:
+                break
+        else:
+            base.check_length(0, base.positions(prompt), new_tokens)  # this turn alone is too long: raises
+        if first:
+            dropped = sum(len(PLACEHOLDER.findall(u)) for u, _ in turns[:first])
+            warnings.warn(f"the conversation is longer than the LLM's {base.max_positions} positions: its "
+                          f"{first} oldest turn(s) are left out of this answer", stacklevel=3)
+            inputs = inputs[dropped:]
+        return prompt, inputs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,6 +110,24 @@ class MultimodalLLM(nn.Module):
         with torch.no_grad():
             return self.encoders.embed(modality, batch)
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the LLM reads (its position embeddings)."""
+        return self.llm.config.max_position_embeddings
+
+    def positions(self, prompt: str) -> int:
+        """How many positions `prompt` takes: ``<s>``, its tokens, and each placeholder's k projected vectors."""
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]  # a long one is measured, not warned of
+        k = self.projection.config.tokens
+        return 1 + len(ids) + (k - 1) * sum(t in self.placeholders for t in ids)
+
+    def check_length(self, i: int, length: int, new_tokens: int = 0) -> None:
+        """Refuse a sequence longer than the LLM's positions: past them its answers are not what it learned."""
+        if length + new_tokens > self.max_positions:
+            also = f" + {new_tokens} new tokens" if new_tokens else ""
+            raise ValueError(f"prompt {i} takes {length} positions{also}, but the LLM reads at most {self.max_positions}: "
+                             f"shorten it, or hold the conversation in AnyToAny, which keeps the latest turns that fit")
+
     def _check_inputs(self, i: int, ids: list[int], given: list[str]) -> None:
         wanted = [self.placeholders[t] for t in ids if t in self.placeholders]
         for modality in given:
@@ -159,6 +177,7 @@ class MultimodalLLM(nn.Module):
             if answers is not None:
                 pieces.append(table(torch.tensor(answer, device=device)))
             sequence = torch.cat(pieces)  # (T_i, H)
+            self.check_length(i, len(sequence))
             sequences.append(sequence)
             label_rows.append([-100] * (len(sequence) - len(answer)) + answer)
         return self._pad(sequences, label_rows if answers is not None else None, padding_side)

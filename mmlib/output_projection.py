@@ -325,6 +325,8 @@ class SignalLLM(nn.Module):
         inputs = inputs or [[] for _ in prompts]
         tok = self.base.tokenizer
         batch = self.base.prepare(prompts, inputs, padding_side="left")
+        for i, mask in enumerate(batch["attention_mask"]):
+            self.base.check_length(i, int(mask.sum()), max_new_tokens)
         ids = self.base.llm.generate(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                      eos_token_id=tok.eos_token_id)

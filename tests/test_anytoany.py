@@ -60,6 +60,41 @@ def test_it_states_the_colour_it_was_shown(model, world):
     assert right >= 16  # stage 3 describes pictures right (lesson 6); 20 held-out scenes (seed 0: 19)
 
 
+def test_inputs_of_another_kind_or_range_are_refused_before_the_encoder(model, world):
+    picture = world.render("image", world.scenes(world.split("test", 1)))[0]  # (3, H, W) float32 in [0, 1]
+    with pytest.raises(TypeError, match=r"image input holds uint8 values; give floats in \[0, 1\].*divide it by 255"):
+        model([("image", (picture * 255).astype(np.uint8)), "describe this picture."])
+    for bad in (picture > 0.5, picture.astype(np.complex64)):
+        with pytest.raises(TypeError, match="give floats"):
+            model([("image", bad), "describe this picture."])
+    nan = picture.copy()
+    nan[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model([("image", nan), "describe this picture."])
+    with pytest.raises(ValueError, match=r"image input holds values from \d+ to 255, but the encoder reads image in \[0, 1\].*255"):
+        model([("image", picture * 255), "describe this picture."])
+    with pytest.raises(ValueError, match=r"audio in \[-1, 1\]"):
+        model([("audio", 1e6 * world.render("audio", world.scenes(world.split("test", 1)))[0]), "describe this sound."])
+    wide = model.embed("image", picture.astype(np.float64))  # floats of any width are read as float32
+    assert torch.equal(wide, model.embed("image", picture))
+
+
+def test_a_conversation_longer_than_the_llm_keeps_its_latest_turns(model, world):
+    from mmlib.anytoany import Conversation
+
+    picture = world.render("image", world.scenes(world.split("test", 1)))[0]
+    vector = model.embed("image", picture)
+    turn = ("<image> describe this picture.", "a large red circle at the top left moving up")
+    long = Conversation([turn] * 12, [("image", vector)] * 12)  # about 12 x 20 positions: more than 128
+    with pytest.warns(UserWarning, match=r"longer than the LLM's 128 positions: its \d+ oldest turn\(s\) are left out"):
+        reply = model("and now?", conversation=long, generate=False)
+    assert len(reply.conversation.turns) == 13 and len(reply.conversation.inputs) == 12, "the conversation itself is kept"
+    with pytest.raises(ValueError, match="takes \\d+ positions \\+ 24 new tokens, but the LLM reads at most 128"):
+        model("describe " * 200)
+    with pytest.raises(ValueError, match="but the LLM reads at most 128"):
+        model.model.write(["describe " * 200])
+
+
 def test_a_text_encoder_alone_cannot_generate(model, world):
     with pytest.raises(TypeError, match="load_decoder"):
         model.model.decoders["audio"](prompt_embeds=None)

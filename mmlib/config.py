@@ -30,6 +30,7 @@ import torch
 SCALES = ("tiny", "small", "full")
 DEFAULT_SCALE = "tiny"
 DEFAULT_SEED = 0
+MAX_SEED = 2**32 - 1  # NumPy's largest seed; every generator of the course takes it
 
 T = TypeVar("T")
 
@@ -59,9 +60,14 @@ def seed() -> int:
         value = int(text)
     except ValueError:
         raise ValueError(f"MMLIB_SEED must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"MMLIB_SEED must be a non-negative integer, got {value}")
-    return value
+    return check_seed(value, "MMLIB_SEED")
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """`value` if it is a whole number in [0, MAX_SEED], else a ValueError naming `name` and the range."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be a non-negative integer up to {MAX_SEED} (2**32 - 1), got {value!r}")
+    return int(value)
 
 
 def device() -> torch.device:
@@ -69,9 +75,18 @@ def device() -> torch.device:
     override = os.environ.get("MMLIB_DEVICE")
     if override:
         try:
-            return torch.device(override)
+            chosen = torch.device(override)
         except RuntimeError as error:
             raise ValueError(f"MMLIB_DEVICE={override!r} is not a torch device: {error}") from None
+        present = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(chosen.type, lambda: True)
+        if not present():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"MMLIB_DEVICE={override} but this torch ({torch.__version__}, {build}) sees no "
+                             f"{chosen.type} device: unset MMLIB_DEVICE or set it to cpu")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ValueError(f"MMLIB_DEVICE={override} but there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -193,6 +193,11 @@ class Decoder:
         elif isinstance(prompts, str):
             prompts = [prompts]
         total = len(prompts) if prompts is not None else len(prompt_embeds)
+        if total == 0:
+            raise ValueError(f"no prompts to decode: give the {self.modality} decoder at least one")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"steps is the number of sampler steps, a positive integer; got {steps!r} "
+                             f"(leave it out for the config's {self.config.inference_steps})")
         options = dict(guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
                        num_inference_steps=steps or self.config.inference_steps)
         per_output = isinstance(seed, (list, tuple))

@@ -235,7 +235,9 @@ def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
     unknown = sorted(set(record) - {"template", "scene", "turns", "seed"})
     if unknown:
         raise DialogueError(f"{where}: unknown key(s) {unknown}; a dialogue has template, scene, turns and seed")
-    if not isinstance(record["scene"], int) or record["scene"] < 0:
+    if not isinstance(record["template"], str):
+        raise DialogueError(f"{where}: template must be a string (the template's name), got {record['template']!r}")
+    if not isinstance(record["scene"], int) or isinstance(record["scene"], bool) or record["scene"] < 0:
         raise DialogueError(f"{where}: scene must be a scene index (a non-negative integer), got {record['scene']!r}")
     if not isinstance(record["turns"], list) or not record["turns"]:
         raise DialogueError(f"{where}: turns must be a non-empty list")
@@ -244,6 +246,13 @@ def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
         at = f"{where}, turn {k + 1}"
         if not isinstance(turn, dict) or set(turn) != {"user", "inputs", "answer", "expect", "values"}:
             raise DialogueError(f"{at}: a turn has exactly the keys user, inputs, answer, expect, values")
+        kinds = {"user": (str, "a string"), "answer": (str, "a string"), "inputs": (list, "a list of modalities"),
+                 "expect": (dict, "an object of attribute values"), "values": (dict, "an object of attribute values")}
+        for key, (kind, what) in kinds.items():
+            if not isinstance(turn[key], kind):
+                raise DialogueError(f"{at}: {key} must be {what}, got {turn[key]!r}")
+        if not all(isinstance(m, str) for m in turn["inputs"]):
+            raise DialogueError(f"{at}: inputs must be a list of modality names (strings), got {turn['inputs']!r}")
         _check_text(at, turn["user"], turn["answer"], outputs)
         tags = PLACEHOLDER.findall(turn["user"])
         for modality in turn["inputs"]:
@@ -256,7 +265,7 @@ def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
             raise DialogueError(f"{at}: {reason}; list one input modality per placeholder, in order")
         for key in ("expect", "values"):
             for attribute, value in turn[key].items():
-                if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
+                if attribute not in ATTRIBUTES or not isinstance(value, str) or value not in ATTRIBUTES[attribute]:
                     raise DialogueError(f"{at}: {key} has {attribute}={value!r}, which is not an attribute value of the world")
         if set(turn["values"]) != set(ATTRIBUTES):
             raise DialogueError(f"{at}: values must give all six attributes ({', '.join(ATTRIBUTES)})")

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import platformdirs
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from mmlib import config as course_config
 
@@ -226,6 +226,9 @@ def problem(path: Path) -> str | None:
         files = json.loads(manifest_path.read_text())["files"]
     except (ValueError, KeyError, TypeError):
         return "unreadable manifest"
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and ".." not in Path(k).parts
+                                              and not Path(k).is_absolute() for k, v in files.items()):
+        return "unreadable manifest (its files are not a mapping of relative paths to checksums)"
     for relative, digest in files.items():
         file = path / relative
         if not file.is_file():
@@ -233,6 +236,21 @@ def problem(path: Path) -> str | None:
         if _sha256(file) != digest:
             return f"{relative} does not match its checksum"
     return None
+
+
+@contextmanager
+def _locked(path: Path, name: str):
+    """Hold the entry's file lock; while another process holds it, say so once, then wait."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        print(f"zoo: another process is training {name!r} (lock {path}); waiting for it to finish", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def ensure(name: str, progress: bool = True) -> Path:
@@ -244,7 +262,7 @@ def ensure(name: str, progress: bool = True) -> Path:
     if problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with _locked(Path(str(target) + ".lock"), name):
         reason = problem(target)  # another process may have finished it while we waited
         if reason is None:
             return target

@@ -32,7 +32,7 @@ def test_unknown_scale_lists_valid_ones(monkeypatch):
         config.scale()
 
 
-@pytest.mark.parametrize("text", ["abc", "-1", "1.5"])
+@pytest.mark.parametrize("text", ["abc", "-1", "1.5", str(2**64), str(2**32)])
 def test_bad_seed(monkeypatch, text):
     monkeypatch.setenv("MMLIB_SEED", text)
     with pytest.raises(ValueError, match="MMLIB_SEED must be a non-negative integer"):
@@ -45,6 +45,28 @@ def test_device_override(monkeypatch):
     monkeypatch.setenv("MMLIB_DEVICE", "not-a-device")
     with pytest.raises(ValueError, match="MMLIB_DEVICE"):
         config.device()
+
+
+def test_a_device_this_machine_lacks_is_refused_at_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1", "mps"):
+        monkeypatch.setenv("MMLIB_DEVICE", name)
+        with pytest.raises(ValueError, match=rf"MMLIB_DEVICE={name} but this torch .* sees no \w+ device: unset MMLIB_DEVICE"):
+            config.device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("MMLIB_DEVICE", "cuda:1")
+    with pytest.raises(ValueError, match=r"there are 1 CUDA devices \(cuda:0 to cuda:0\)"):
+        config.device()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True])
+def test_a_worlds_seed_out_of_range_is_refused_when_made(seed):
+    from mmlib.data import World
+
+    with pytest.raises(ValueError, match=r"World's seed must be a non-negative integer up to 4294967295"):
+        World(seed=seed)
 
 
 def test_seed_everything_makes_torch_repeatable():

@@ -69,6 +69,15 @@ def test_wrong_prompt_embeds_name_the_expected_shape(decoders):
         decoder(["a red circle"], prompt_embeds=torch.zeros(1, 32, 16))
 
 
+def test_no_prompts_or_a_step_count_below_one_is_refused(decoders):
+    decoder = decoders["image"]
+    with pytest.raises(ValueError, match="no prompts to decode"):
+        decoder([])
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"steps is the number of sampler steps, a positive integer; got {steps}"):
+            decoder(["a red circle"], steps=steps)
+
+
 def test_unknown_sampler_in_a_config_lists_the_valid_ones(decoders, text, vaes):
     decoder = decoders["image"]
     bad = tiny_config("image", sampler="plms")

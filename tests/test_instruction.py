@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -72,6 +73,11 @@ def test_dialogue_files_round_trip(tmp_path):
     (lambda t: t.update(answer="[video]"), r":2, turn 1: the answer asks for \[video\], but the model has no video decoder"),
     (lambda t: t.update(answer="[depth]"), r":2, turn 1: unknown output \[depth\]"),
     (lambda t: t.update(expect={"color": "mauve"}), r":2, turn 1: expect has color='mauve'"),
+    (lambda t: t.update(user=["<image>"]), r":2, turn 1: user must be a string, got \['<image>'\]"),
+    (lambda t: t.update(inputs="image"), r":2, turn 1: inputs must be a list of modalities"),
+    (lambda t: t.update(inputs=[3]), r":2, turn 1: inputs must be a list of modality names"),
+    (lambda t: t.update(expect=["color"]), r":2, turn 1: expect must be an object of attribute values"),
+    (lambda t: t.update(values={**t["values"], "color": 3}), r":2, turn 1: values has color=3"),
 ])
 def test_a_bad_dialogue_file_is_rejected_with_the_line_and_the_reason(tmp_path, edit, reason):
     dialogues = make_dialogues(World(seed=0), "train", 2, templates=["describe-picture"])
@@ -99,6 +105,19 @@ def test_dialogues_made_at_one_seed_are_refused_by_a_world_of_another(tmp_path):
     del record["seed"]  # a hand-written dialogue without one is read at the world's seed
     (tmp_path / "mine.jsonl").write_text(json.dumps(record) + "\n")
     assert load_dialogues(tmp_path / "mine.jsonl")[0].seed is None
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"template": 3}, r"d.jsonl:1: template must be a string"),
+    ({"scene": True}, r"d.jsonl:1: scene must be a scene index"),
+    ({"turns": {}}, r"d.jsonl:1: turns must be a non-empty list"),
+    ({"speaker": "me"}, r"d.jsonl:1: unknown key\(s\) \['speaker'\]"),
+])
+def test_a_dialogue_with_a_field_of_the_wrong_kind_is_rejected_with_the_line(tmp_path, change, reason):
+    record = json.loads(json.dumps(asdict(make_dialogues(World(seed=0), "train", 1)[0])))
+    (tmp_path / "d.jsonl").write_text(json.dumps({**record, **change}) + "\n")
+    with pytest.raises(DialogueError, match=reason):
+        load_dialogues(tmp_path / "d.jsonl")
 
 
 def test_a_line_that_is_not_json_is_rejected_with_its_number(tmp_path):

@@ -185,6 +185,36 @@ def test_half_written_entry_is_retrained(cache):
     assert len(CALLS) == 3
 
 
+@pytest.mark.parametrize("files", [["probe.safetensors"], {"../../elsewhere": "0" * 64}, "probe.safetensors"])
+def test_a_manifest_whose_files_are_not_a_mapping_retrains(cache, files):
+    folder = zoo.ensure("test-color-probe")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    assert zoo.problem(folder).startswith("unreadable manifest")
+    with pytest.warns(UserWarning, match="damaged .*unreadable manifest"):
+        zoo.load("test-color-probe")
+    assert len(CALLS) == 2 and zoo.problem(folder) is None
+
+
+def test_waiting_on_another_process_says_so(cache, capsys):
+    import threading
+
+    from filelock import FileLock
+
+    target = zoo.folder("test-color-probe")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    other = FileLock(str(target) + ".lock")  # as another process training it holds it
+    other.acquire()
+    waiting = threading.Thread(target=zoo.ensure, args=("test-color-probe",), kwargs={"progress": False})
+    waiting.start()
+    waiting.join(timeout=5)
+    assert waiting.is_alive(), "it waits for the lock"
+    assert "another process is training 'test-color-probe'" in capsys.readouterr().out
+    other.release()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and zoo.problem(target) is None
+
+
 def test_failed_training_leaves_nothing_behind(cache):
     def broken(folder: Path) -> None:
         (folder / "half.bin").write_bytes(b"x")

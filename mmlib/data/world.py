@@ -253,7 +253,7 @@ class World:
         if config is not None and overrides:
             raise ValueError("pass either a WorldConfig or keyword overrides, not both")
         self.config = config or course_config.make_config(WorldConfig, overrides)
-        self.seed = course_config.seed() if seed is None else int(seed)
+        self.seed = course_config.seed() if seed is None else course_config.check_seed(seed, "World's seed")
         self._log_mel = None  # built on first use of log_mel
         self._captioner = None  # built on first use of captions
 

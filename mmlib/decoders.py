@@ -254,7 +254,7 @@ class Decoder:
             extra["unet"] = _load_text_reading_unet(Path(folder) / "unet")
         with zoo.quiet_loading():  # a zoo load is instant: no "Loading pipeline components" bars
             pipeline = (TextToVideoSDPipeline if modality == "video" else StableDiffusionPipeline).from_pretrained(
-                folder, **extra)
+                folder, use_safetensors=True, **extra)
         decoder = cls(modality, pipeline, config, course_config.make_config(WorldConfig, meta["world"]))
         decoder.losses = meta.get("losses", [])
         record = Path(folder) / "snapshots.safetensors"
@@ -270,7 +270,7 @@ class Decoder:
         check_choice("decoder modality", modality, list(OUTPUTS))
         config = config or CONFIGS[modality]()
         extra = {"safety_checker": None, "requires_safety_checker": False} if modality == "image" else {}
-        pipeline = PIPELINES[modality].from_pretrained(name_or_path, dtype=dtype, **extra)
+        pipeline = PIPELINES[modality].from_pretrained(name_or_path, dtype=dtype, use_safetensors=True, **extra)
         pipeline.scheduler = sampling_scheduler(pipeline.scheduler, config.sampler)
         settings = {**asdict(config), "pretrained": str(name_or_path)}
         if modality == "video":
@@ -514,7 +514,7 @@ def _vae_entry(modality: str, config_class: type, version: int = 1) -> None:
         config = course_config.scale_config(f"{modality}_vae", config_class)
         train_autoencoder(modality, config).save_pretrained(folder)
 
-    zoo.entry(f"{modality}-vae", load=AutoencoderKL.from_pretrained, version=version, lesson="03_diffusion_decoders.ipynb",
+    zoo.entry(f"{modality}-vae", load=lambda folder: AutoencoderKL.from_pretrained(folder, use_safetensors=True), version=version, lesson="03_diffusion_decoders.ipynb",
               description=f"AutoencoderKL of {'pictures' if modality == 'image' else 'log-mel spectrograms'}, 32x32 -> 8x8x4",
               sections=(f"{modality}_vae",))(train)
 

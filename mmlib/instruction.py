@@ -718,6 +718,8 @@ def load_stage3(folder: Path, stage2: SignalLLM | None = None) -> tuple[SignalLL
     if config.tuning == "lora":
         from peft import PeftModel
 
+        if not (folder / "adapter" / "adapter_model.safetensors").is_file():  # peft would fall back to a pickle
+            raise FileNotFoundError(f"{folder / 'adapter'} holds no adapter_model.safetensors: save_stage3 writes one")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.base.llm = PeftModel.from_pretrained(model.base.llm, folder / "adapter")
@@ -725,7 +727,7 @@ def load_stage3(folder: Path, stage2: SignalLLM | None = None) -> tuple[SignalLL
         from transformers import LlamaForCausalLM
 
         with zoo.quiet_loading():
-            model.base.llm = LlamaForCausalLM.from_pretrained(folder / "llm").eval()
+            model.base.llm = LlamaForCausalLM.from_pretrained(folder / "llm", use_safetensors=True).eval()
     state = load_file(folder / "projections.safetensors")
     model.base.projection.load_state_dict({k.removeprefix("input_projection."): v for k, v in state.items()
                                            if k.startswith("input_projection.")})

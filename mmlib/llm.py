@@ -249,7 +249,7 @@ class TrainedLLM:
     def load(cls, folder: Path) -> "TrainedLLM":
         history = History(**json.loads((Path(folder) / "history.json").read_text()))
         with zoo.quiet_loading():
-            model = LlamaForCausalLM.from_pretrained(folder).eval()
+            model = LlamaForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
         return cls(model, PreTrainedTokenizerFast.from_pretrained(folder), history)
 
 
@@ -284,6 +284,6 @@ def load_llm(config: LLMConfig | None = None) -> TrainedLLM:
     if not config.pretrained:
         return zoo.load("llm")
     tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
-    model = AutoModelForCausalLM.from_pretrained(config.pretrained, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(config.pretrained, dtype="auto", use_safetensors=True).eval()
     add_placeholders(model, tokenizer)
     return TrainedLLM(model, tokenizer)

@@ -362,7 +362,8 @@ def stage_sizes(scale_name: str = "full", encoder_dim: int | None = None) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for the rest (nothing is unpickled on resume)
+# Checkpoints: safetensors for tensors, JSON for the rest (nothing is unpickled on resume, except under
+# DeepSpeed, whose partitioned state is its own .pt files, written by the same run)
 # ---------------------------------------------------------------------------------------------
 
 

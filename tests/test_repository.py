@@ -145,3 +145,25 @@ def test_make_recipes_let_python_cache_bytecode():
                             "shown"], env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip() == "[]"
+
+
+def test_every_weight_loader_asks_for_safetensors():
+    """A hub checkpoint or a saved folder is read from safetensors only: ``use_safetensors=True`` on every
+    model and pipeline ``from_pretrained`` (tokenizers, processors and peft's adapter, checked by path, aside)."""
+    import ast
+
+    exempt = {"AutoTokenizer", "PreTrainedTokenizerFast", "AutoImageProcessor", "AutoFeatureExtractor", "PeftModel"}
+    found, missing = 0, []
+    for path in sorted((ROOT / "mmlib").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "from_pretrained" and \
+                    ast.unparse(node.value).split(".")[-1] not in exempt and ast.unparse(node.value) not in ("cls", "Decoder"):
+                found += 1
+                calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and c.func is node]
+                for call in calls or [None]:
+                    safe = call is not None and any(k.arg == "use_safetensors" and getattr(k.value, "value", None) is True
+                                                    for k in call.keywords)
+                    if not safe:
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.value)}.from_pretrained")
+    assert found >= 8 and not missing, missing

@@ -58,7 +58,7 @@ class Reply:
 
 # The world's value ranges (mmlib.data.World): an input outside them is another kind of data.
 VALUE_RANGES = {"image": (0.0, 1.0), "depth": (0.0, 1.0), "thermal": (0.0, 1.0), "video": (0.0, 1.0),
-                "audio": (-1.0, 1.0)}
+                "audio": (-1.0, 1.0)}  # audio: a waveform; a log-mel (n_mels, frames) has no fixed range
 
 
 def check_values(modality: str, data: torch.Tensor) -> None:
@@ -75,7 +75,7 @@ def check_values(modality: str, data: torch.Tensor) -> None:
                         + (f" in [{low:g}, {high:g}]" if modality in VALUE_RANGES else "") + hint)
     if data.numel() and not torch.isfinite(data).all():
         raise ValueError(f"the {modality} input holds NaN or infinite values")
-    if modality in VALUE_RANGES and data.numel():
+    if modality in VALUE_RANGES and data.numel() and not (modality == "audio" and data.ndim == 2):  # a log-mel: any level
         low, high = VALUE_RANGES[modality]
         smallest, largest = data.min().item(), data.max().item()
         if smallest < low - 1e-3 or largest > high + 1e-3:
@@ -173,7 +173,9 @@ class AnyToAny:
             raise ValueError("an empty turn: give some text or an input")
         from mmlib.instruction import prompt_for
 
-        prompt, read = self._fit(conversation.turns, user, inputs, max_new_tokens)
+        # Generating an output reads the prompt, the answer and all of that output's signal tokens.
+        signals = max(len(ids) for ids in self.model.signals.values()) + 1 if generate else 0
+        prompt, read = self._fit(conversation.turns, user, inputs, max_new_tokens + signals)
         (text, asked), = self.model.write([prompt], [read], max_new_tokens)
         outputs = {}
         if asked is not None and generate:
@@ -188,7 +190,7 @@ class AnyToAny:
         A chat keeps what the LLM can read: its latest turns, within its positions, with a warning
         when earlier ones are left out. A turn that alone does not fit is refused.
         """
-        from mmlib.instruction import PLACEHOLDER, prompt_for
+        from mmlib.instruction import prompt_for
 
         base = self.model.base
         for first in range(len(turns) + 1):
@@ -198,9 +200,9 @@ class AnyToAny:
         else:
             base.check_length(0, base.positions(prompt), new_tokens)  # this turn alone is too long: raises
         if first:
-            dropped = sum(len(PLACEHOLDER.findall(u)) for u, _ in turns[:first])
+            dropped = sum(u.count(token) for u, _ in turns[:first] for token in MODALITY_TOKENS.values())
             warnings.warn(f"the conversation is longer than the LLM's {base.max_positions} positions: its "
-                          f"{first} oldest turn(s) are left out of this answer", stacklevel=3)
+                          f"{first} oldest turn(s) are left out of this answer", stacklevel=4)
             inputs = inputs[dropped:]
         return prompt, inputs
 

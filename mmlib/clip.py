@@ -231,7 +231,7 @@ class PretrainedClip(PretrainedPair):
         super().__init__()
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True).eval()
+        self.model = course_config.from_pretrained_safely(CLIPModel.from_pretrained, name_or_path, dtype=dtype).eval()
         self.image_processor = AutoImageProcessor.from_pretrained(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
 
@@ -255,7 +255,7 @@ class PretrainedClap(PretrainedPair):
         super().__init__()
         from transformers import AutoFeatureExtractor, AutoTokenizer, ClapModel
 
-        self.model = ClapModel.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True).eval()
+        self.model = course_config.from_pretrained_safely(ClapModel.from_pretrained, name_or_path, dtype=dtype).eval()
         self.feature_extractor = AutoFeatureExtractor.from_pretrained(name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         self.sample_rate = sample_rate

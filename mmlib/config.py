@@ -148,6 +148,20 @@ def one_cycle(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> to
                                                total_steps=steps, pct_start=warmup)
 
 
+def from_pretrained_safely(load, name_or_path, **kwargs):
+    """``load(name_or_path, use_safetensors=True, **kwargs)`` (a ``from_pretrained``), or, for a checkpoint
+    published only as pickles, an error that says how to convert it once."""
+    try:
+        return load(name_or_path, use_safetensors=True, **kwargs)
+    except OSError as error:
+        if "safetensors" not in str(error):
+            raise
+        raise OSError(f"{name_or_path} holds no safetensors weights, and mmlib reads no others: a .bin or .pt file is "
+                      f"a pickle, which can run code when it is loaded. Convert it once where you trust it: load it "
+                      f"with use_safetensors=False, save_pretrained(<folder>) (which writes safetensors), and name "
+                      f"<folder> as pretrained: in your config. ({str(error).splitlines()[0]})") from None
+
+
 def show_progress() -> bool:
     """Whether training loops draw progress bars (``MMLIB_PROGRESS=0`` turns them off).
 
@@ -254,6 +268,8 @@ def _typed(value: Any, kind: Any, where: str, default: Any) -> Any:
     wanted = {bool: "true or false", int: "a whole number (e.g. 12, not 12.5 or '12')", float: "a number (e.g. 0.001)",
               str: "a string", tuple: "a list (e.g. [32, 64])", list: "a list (e.g. [32, 64])",
               dict: "a mapping (e.g. {image: 600})"}.get(kind, f"a {getattr(kind, '__name__', kind)} section (a mapping of its keys)")
+    if kind is str and isinstance(value, bool):
+        wanted += " (YAML reads a bare no, yes, off or on as false or true: quote it, e.g. 'no')"
     raise ValueError(f"{where} is {value!r} ({type(value).__name__}), but it must be {wanted}")
 
 

@@ -21,6 +21,7 @@ Stable Diffusion v1.5, AudioLDM and Zeroscope v2 loaded with `from_pretrained`.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -195,7 +196,7 @@ class Decoder:
         total = len(prompts) if prompts is not None else len(prompt_embeds)
         if total == 0:
             raise ValueError(f"no prompts to decode: give the {self.modality} decoder at least one")
-        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        if steps is not None and (not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1):
             raise ValueError(f"steps is the number of sampler steps, a positive integer; got {steps!r} "
                              f"(leave it out for the config's {self.config.inference_steps})")
         options = dict(guidance_scale=self.config.guidance_scale if guidance_scale is None else guidance_scale,
@@ -270,7 +271,7 @@ class Decoder:
         check_choice("decoder modality", modality, list(OUTPUTS))
         config = config or CONFIGS[modality]()
         extra = {"safety_checker": None, "requires_safety_checker": False} if modality == "image" else {}
-        pipeline = PIPELINES[modality].from_pretrained(name_or_path, dtype=dtype, use_safetensors=True, **extra)
+        pipeline = course_config.from_pretrained_safely(PIPELINES[modality].from_pretrained, name_or_path, dtype=dtype, **extra)
         pipeline.scheduler = sampling_scheduler(pipeline.scheduler, config.sampler)
         settings = {**asdict(config), "pretrained": str(name_or_path)}
         if modality == "video":

@@ -284,6 +284,6 @@ def load_llm(config: LLMConfig | None = None) -> TrainedLLM:
     if not config.pretrained:
         return zoo.load("llm")
     tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
-    model = AutoModelForCausalLM.from_pretrained(config.pretrained, dtype="auto", use_safetensors=True).eval()
+    model = course_config.from_pretrained_safely(AutoModelForCausalLM.from_pretrained, config.pretrained, dtype="auto").eval()
     add_placeholders(model, tokenizer)
     return TrainedLLM(model, tokenizer)

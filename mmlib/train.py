@@ -253,6 +253,11 @@ def save_result(step: StageStep, history: History, folder: Path) -> None:
     """
     for leftover in folder.parent.glob(f"{folder.name}.partial-*"):  # of a run killed while saving
         shutil.rmtree(leftover, ignore_errors=True)
+    for earlier in folder.parent.glob(f"{folder.name}.replaced-*"):  # killed between the two renames below
+        if folder.exists():
+            shutil.rmtree(earlier, ignore_errors=True)
+        else:
+            os.replace(earlier, folder)
     partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     partial.mkdir(parents=True)
     try:
@@ -272,9 +277,11 @@ def save_result(step: StageStep, history: History, folder: Path) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if folder.exists():  # an earlier run's result, replaced by this one's
-        shutil.rmtree(folder)
+    old = folder.with_name(f"{folder.name}.replaced-{os.getpid()}")
+    if folder.exists():  # an earlier run's result: set aside until this one is in place
+        os.replace(folder, old)
     os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def finished(folder: Path, stage: int) -> bool:
@@ -282,12 +289,14 @@ def finished(folder: Path, stage: int) -> bool:
     return (folder / f"stage{stage}.json").is_file()
 
 
-def check_output(output: Path) -> Path:
+def check_output(output: Path, create: bool = True) -> Path:
     """Create the run folder `output` now, before any training, or say why it cannot be one."""
     for part in (output, *output.parents):
         if part.exists() and not part.is_dir():
             raise NotADirectoryError(f"--output {output}: {part} is a file, not a folder; give a folder path "
                                      f"(it is created if missing)")
+    if not create:
+        return output
     try:
         output.mkdir(parents=True, exist_ok=True)
         probe = output / f".write-test-{os.getpid()}"
@@ -565,10 +574,10 @@ def run_stages(stages, output: str | Path = "runs", steps: int | None = None, in
     if stages != list(range(stages[0], stages[-1] + 1)):
         raise ValueError(f"stages {stages} skip one: each starts from the one before (e.g. --stage 1 2 3)")
     output, histories = Path(output), {}
-    if resume and not any(finished(output / f"stage{n}" / "final", n) or latest_checkpoint(output / f"stage{n}")
-                          for n in stages):
-        raise FileNotFoundError(f"--resume: {output} holds no stage{stages[0]}..stage{stages[-1]} result or "
-                                f"checkpoint to resume from; check --output, or leave out --resume to start afresh")
+    check_output(output, create=False)
+    if resume and not any((output / f"stage{n}").is_dir() for n in stages):  # a run makes its stage folder first
+        raise FileNotFoundError(f"--resume: {output} holds no stage{stages[0]}..stage{stages[-1]} folder of a run to "
+                                f"resume; check --output, or leave out --resume to start afresh")
     check_output(output)
     for stage in stages:
         folder = output / f"stage{stage}"

@@ -9,8 +9,8 @@ code the lesson runs and stores it; every later call loads it in a second.
   folder it is given, and a `load` function that reads that folder back.
 - Entries live under ``$MMLIB_CACHE/zoo/<name>/<scale>-seed<seed>-v<version>-<settings>/``
   (``MMLIB_CACHE`` defaults to the user cache dir). ``<settings>`` fingerprints what else the
-  training depends on: the config sections the entry declares (as ``configs/<scale>.yaml`` or
-  ``MMLIB_CONFIG_FILE`` gives them), its data files, the world's caption files, and the
+  training depends on: the config sections the entry declares (as ``configs/<scale>.yaml``, with
+  ``MMLIB_CONFIG_FILE`` layered over it, gives them), its data files, the world's caption files, and the
   versions and fingerprints of the entries it needs. Changing any of these, the scale, the seed
   or the entry's version trains a new one (the old one stays cached, for when the change is
   undone); nothing stale is ever loaded. An entry's training that reads a section, a data file

@@ -77,6 +77,8 @@ def test_inputs_of_another_kind_or_range_are_refused_before_the_encoder(model, w
         model([("audio", 1e6 * world.render("audio", world.scenes(world.split("test", 1)))[0]), "describe this sound."])
     wide = model.embed("image", picture.astype(np.float64))  # floats of any width are read as float32
     assert torch.equal(wide, model.embed("image", picture))
+    sound = world.render("audio", world.scenes(world.split("test", 1)))
+    assert model.embed("audio", world.log_mel(sound)[0]).shape == wide.shape, "a log-mel has no fixed range"
 
 
 def test_a_conversation_longer_than_the_llm_keeps_its_latest_turns(model, world):
@@ -89,7 +91,7 @@ def test_a_conversation_longer_than_the_llm_keeps_its_latest_turns(model, world)
     with pytest.warns(UserWarning, match=r"longer than the LLM's 128 positions: its \d+ oldest turn\(s\) are left out"):
         reply = model("and now?", conversation=long, generate=False)
     assert len(reply.conversation.turns) == 13 and len(reply.conversation.inputs) == 12, "the conversation itself is kept"
-    with pytest.raises(ValueError, match="takes \\d+ positions \\+ 24 new tokens, but the LLM reads at most 128"):
+    with pytest.raises(ValueError, match="takes \\d+ positions \\+ \\d+ new tokens, but the LLM reads at most 128"):
         model("describe " * 200)
     with pytest.raises(ValueError, match="but the LLM reads at most 128"):
         model.model.write(["describe " * 200])

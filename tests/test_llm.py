@@ -115,3 +115,13 @@ def test_vicuna_7b_builds_at_full_size_on_the_meta_device():
     total = sum(p.numel() for p in model.parameters())
     assert total == pytest.approx(6.74e9, rel=0.01)  # Vicuna-7B / Llama-2-7B: 6,738,415,616
     assert model.config.hidden_size == 4096
+
+
+def test_a_checkpoint_published_as_pickles_is_refused_with_how_to_convert_it(tmp_path):
+    tokenizer = _plain_tokenizer()
+    model = LlamaForCausalLM(llama_config(tokenizer, TINY))
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # as older hub repos ship their weights
+    with pytest.raises(OSError, match=r"holds no safetensors weights, and mmlib reads no others.*save_pretrained"):
+        load_llm(LLMConfig(pretrained=str(tmp_path)))

@@ -148,22 +148,24 @@ def test_make_recipes_let_python_cache_bytecode():
 
 
 def test_every_weight_loader_asks_for_safetensors():
-    """A hub checkpoint or a saved folder is read from safetensors only: ``use_safetensors=True`` on every
-    model and pipeline ``from_pretrained`` (tokenizers, processors and peft's adapter, checked by path, aside)."""
+    """A hub checkpoint or a saved folder is read from safetensors only: every model and pipeline
+    ``from_pretrained`` passes ``use_safetensors=True`` or goes through `from_pretrained_safely`
+    (tokenizers, processors and peft's adapter, checked by path, aside)."""
     import ast
 
     exempt = {"AutoTokenizer", "PreTrainedTokenizerFast", "AutoImageProcessor", "AutoFeatureExtractor", "PeftModel"}
     found, missing = 0, []
     for path in sorted((ROOT / "mmlib").rglob("*.py")):
         tree = ast.parse(path.read_text())
+        calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call)]
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr == "from_pretrained" and \
-                    ast.unparse(node.value).split(".")[-1] not in exempt and ast.unparse(node.value) not in ("cls", "Decoder"):
-                found += 1
-                calls = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and c.func is node]
-                for call in calls or [None]:
-                    safe = call is not None and any(k.arg == "use_safetensors" and getattr(k.value, "value", None) is True
-                                                    for k in call.keywords)
-                    if not safe:
-                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.value)}.from_pretrained")
+            if not (isinstance(node, ast.Attribute) and node.attr == "from_pretrained") or \
+                    ast.unparse(node.value).split(".")[-1] in exempt or ast.unparse(node.value) in ("cls", "Decoder"):
+                continue
+            found += 1
+            direct = [c for c in calls if c.func is node and any(
+                k.arg == "use_safetensors" and getattr(k.value, "value", None) is True for k in c.keywords)]
+            wrapped = [c for c in calls if ast.unparse(c.func).endswith("from_pretrained_safely") and node in c.args]
+            if not (direct or wrapped):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.value)}.from_pretrained")
     assert found >= 8 and not missing, missing

@@ -223,8 +223,11 @@ def test_an_output_that_cannot_be_a_folder_is_refused_before_training(tmp_path, 
 def test_resume_from_a_mistyped_output_says_so_instead_of_starting_afresh(tmp_path):
     from mmlib.train import run_stages
 
-    (tmp_path / "runs/nextgpt/stage1/checkpoint-2").mkdir(parents=True)  # no trainer.json: not a checkpoint
-    with pytest.raises(FileNotFoundError, match=r"--resume: .*nextgtp holds no stage1..stage3 result or checkpoint"):
+    (tmp_path / "runs/nextgpt/stage1").mkdir(parents=True)  # a run that started (maybe not yet checkpointed)
+    with pytest.raises(FileNotFoundError, match=r"--resume: .*nextgtp holds no stage1..stage3 folder of a run"):
         run_stages([1, 2, 3], tmp_path / "runs/nextgtp", steps=2, resume=True)
-    with pytest.raises(FileNotFoundError, match="holds no stage1..stage2"):
-        run_stages([1, 2], tmp_path / "runs/nextgpt", steps=2, resume=True)
+    with pytest.raises(FileNotFoundError, match="holds no stage2..stage3 folder"):
+        run_stages([2, 3], tmp_path / "runs/nextgpt", steps=2, resume=True, init=str(tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_stages([1], tmp_path / "file", steps=2, resume=True)

@@ -205,12 +205,19 @@ def test_waiting_on_another_process_says_so(cache, capsys):
     target.parent.mkdir(parents=True, exist_ok=True)
     other = FileLock(str(target) + ".lock")  # as another process training it holds it
     other.acquire()
-    waiting = threading.Thread(target=zoo.ensure, args=("test-color-probe",), kwargs={"progress": False})
-    waiting.start()
-    waiting.join(timeout=5)
-    assert waiting.is_alive(), "it waits for the lock"
-    assert "another process is training 'test-color-probe'" in capsys.readouterr().out
-    other.release()
+    waiting = threading.Thread(target=zoo.ensure, args=("test-color-probe",), kwargs={"progress": False}, daemon=True)
+    try:
+        waiting.start()
+        said = ""
+        for _ in range(60):  # the message comes after a 2 s try
+            waiting.join(timeout=1)
+            said += capsys.readouterr().out
+            if "another process" in said:
+                break
+        assert waiting.is_alive(), "it waits for the lock"
+        assert "another process is training 'test-color-probe'" in said
+    finally:
+        other.release()
     waiting.join(timeout=60)
     assert not waiting.is_alive() and zoo.problem(target) is None
 

@@ -24,7 +24,7 @@ recipe, the dataclass default, does not: see `Stage3Config.terms`.
   records what its answer must state (`Turn.expect`). Templates under ``test`` are held out.
 - Dialogue files are JSON Lines (`save_dialogues`, `load_dialogues`); a bad line is rejected
   with its number and the reason. Each dialogue records the world's seed it was made at, and a
-  dialogue is refused by a world of another seed (`check_seed`), whose scene would not match it.
+  dialogue is refused by a world of another seed (`check_made_at`), whose scene would not match it.
 - `run_dialogues` lets a model hold the dialogues turn by turn on its own answers, generates
   every output it asks for and grades them: a dialogue succeeds when every answer states the
   expected attributes (and no others) and the judge reads every output as asked.
@@ -276,7 +276,7 @@ def check_dialogue(record, where: str, outputs=OUTPUTS) -> Dialogue:
     return Dialogue(record["template"], record["scene"], turns, seed)
 
 
-def check_seed(dialogues: list[Dialogue], world: World) -> None:
+def check_made_at(dialogues: list[Dialogue], world: World) -> None:
     """Refuse dialogues made at another seed than `world`'s: their scene indices show other scenes there."""
     other = [d for d in dialogues if d.seed is not None and d.seed != world.seed]
     if other:
@@ -345,7 +345,7 @@ def _embed_inputs(model: SignalLLM, world: World, wanted: list[list[tuple[str, i
 
 def training_examples(model: SignalLLM, world: World, dialogues: list[Dialogue]):
     """Every turn of the dialogues as (prompts, inputs, answers with signal tokens, turns), gold history."""
-    check_seed(dialogues, world)
+    check_made_at(dialogues, world)
     prompts, wanted, answers, turns = [], [], [], []
     for dialogue in dialogues:
         history, seen = [], []
@@ -628,7 +628,7 @@ def run_dialogues(model: SignalLLM, world: World, dialogues: list[Dialogue], jud
     output starts from its own noise, seeded by its scene and turn, so a dialogue's grade does not
     depend on which other dialogues share its batch.
     """
-    check_seed(dialogues, world)
+    check_made_at(dialogues, world)
     records = [{"template": d.template, "turns": []} for d in dialogues]
     histories = [[] for _ in dialogues]
     seen = [[] for _ in dialogues]
